@@ -1,0 +1,139 @@
+"""The torch path: HSIC statistics on CPU or CUDA with plain torch ops (the fallback and the
+benchmark baseline).
+
+All functions take `(n, d)` matrices of any float dtype and return the cross sum `Σ K∘L` and
+the two `GramStats` (see `vitsim._stats`). Columns are centred (in float64) as each chunk is
+loaded, products run in float32 (float64 for float64 inputs; TF32 on CUDA when
+`torch.get_float32_matmul_precision()` allows it), and every large reduction is accumulated in
+float64. Inputs are processed in chunks of rows (feature space) or columns (Gram space), so the
+extra memory stays a fraction of the inputs'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._stats import GramStats
+
+# Bytes of one centred chunk: large enough for efficient GEMMs, small beside the inputs.
+CHUNK_BYTES = 1 << 26
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half inputs are upcast per chunk)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def column_mean(x: torch.Tensor) -> torch.Tensor:
+    """`(d,)` float64 column means of an `(n, d)` matrix."""
+    return x.sum(dim=0, dtype=torch.float64) / x.shape[0]
+
+
+def _chunk(width: int, dtype: torch.dtype) -> int:
+    return max(64, CHUNK_BYTES // (max(width, 1) * torch.finfo(dtype).bits // 8))
+
+
+def _centred(block: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype):
+    """Centre a block in float64 (so a large offset loses nothing), then cast for the GEMM."""
+    centred = block.to(torch.float64) - mean
+    return centred.to(dtype), centred
+
+
+def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
+    """Linear-kernel statistics in feature space, cost `n·(d1·d2 + d1² + d2²)`.
+
+    `Σ K∘L = ‖Xcᵀ Yc‖_F²`, `Σ K∘K = ‖Xcᵀ Xc‖_F²`, row sums zero, diagonals the centred row
+    norms². Never forms an n×n matrix. Returns `(cross, GramStats_x, GramStats_y)`.
+    """
+    n, d1 = x.shape
+    d2 = y.shape[1]
+    dtype = compute_dtype(x, y)
+    mx, my = column_mean(x), column_mean(y)
+    cxy = torch.zeros(d1, d2, dtype=torch.float64, device=x.device)
+    cxx = torch.zeros(d1, d1, dtype=torch.float64, device=x.device)
+    cyy = torch.zeros(d2, d2, dtype=torch.float64, device=x.device)
+    a = torch.empty(n, dtype=torch.float64, device=x.device)
+    b = torch.empty(n, dtype=torch.float64, device=x.device)
+    step = _chunk(max(d1, d2), torch.float64)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        xc, xc64 = _centred(x[start:stop], mx, dtype)
+        yc, yc64 = _centred(y[start:stop], my, dtype)
+        a[start:stop] = xc64.square().sum(dim=1)
+        b[start:stop] = yc64.square().sum(dim=1)
+        del xc64, yc64
+        cxy += xc.T @ yc
+        cxx += xc.T @ xc
+        cyy += yc.T @ yc
+    kx = GramStats(n, None, a, cxx.square().sum())
+    ky = GramStats(n, None, b, cyy.square().sum())
+    return cxy.square().sum(), kx, ky
+
+
+def centred_gram(x: torch.Tensor) -> torch.Tensor:
+    """`(n, n)` float64 Gram matrix `Xc Xcᵀ` of the column-centred input, built over column chunks."""
+    n, d = x.shape
+    dtype = compute_dtype(x)
+    mean = column_mean(x)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    step = _chunk(n, torch.float64)
+    for start in range(0, d, step):
+        stop = min(d, start + step)
+        xc, _ = _centred(x[:, start:stop], mean[start:stop], dtype)
+        gram += xc @ xc.T
+    return gram
+
+
+def _gram_stats(k: torch.Tensor) -> GramStats:
+    return GramStats(k.shape[0], k.sum(dim=1), torch.diagonal(k).clone(), k.square().sum())
+
+
+def linear_gram_stats(x: torch.Tensor, y: torch.Tensor):
+    """Linear-kernel statistics in Gram space, cost `n²·(d1 + d2)`, memory two n×n matrices."""
+    k = centred_gram(x)
+    l = centred_gram(y)
+    return (k * l).sum(), _gram_stats(k), _gram_stats(l)
+
+
+def sq_distances_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """`D²_ij = G_ii + G_jj − 2 G_ij`, clamped at 0, exact zeros on the diagonal."""
+    diag = torch.diagonal(gram)
+    d2 = (diag[:, None] + diag[None, :] - 2.0 * gram).clamp_min_(0.0)
+    d2.fill_diagonal_(0.0)
+    return d2
+
+
+def median(values: torch.Tensor) -> torch.Tensor:
+    """Exact median with numpy's convention (mean of the two middle values for even counts)."""
+    flat = values.reshape(-1)
+    count = flat.numel()
+    lo = torch.kthvalue(flat, (count + 1) // 2).values
+    if count % 2:
+        return lo.to(torch.float64)
+    hi = torch.kthvalue(flat, count // 2 + 1).values
+    return (lo.to(torch.float64) + hi.to(torch.float64)) / 2
+
+
+def median_sq_distance(x: torch.Tensor) -> torch.Tensor:
+    """Exact median of the n² squared distances of the rows of `x` `(n, d)`; 0-d float64."""
+    return median(sq_distances_from_gram(centred_gram(x)))
+
+
+def rbf_from_sq_distances(d2: torch.Tensor, sigma2: torch.Tensor | float) -> torch.Tensor:
+    """`exp(−D²/(2σ²))`; a zero bandwidth gives the σ → 0 limit, `1[D² = 0]`."""
+    sigma2 = torch.as_tensor(sigma2, dtype=torch.float64, device=d2.device)
+    zero = sigma2 == 0
+    k = torch.exp(-d2 / (2.0 * torch.where(zero, torch.ones_like(sigma2), sigma2)))
+    return torch.where(zero, (d2 == 0).to(d2.dtype), k)
+
+
+def rbf_gram_stats(x: torch.Tensor, y: torch.Tensor, threshold: float = 1.0,
+                   sigmas: tuple[float, float] | None = None):
+    """RBF-kernel statistics; the bandwidth is the exact median rule unless `sigmas` is given."""
+    stats = []
+    for i, z in enumerate((x, y)):
+        d2 = sq_distances_from_gram(centred_gram(z))
+        sigma2 = threshold**2 * median(d2) if sigmas is None else sigmas[i] ** 2
+        stats.append(rbf_from_sq_distances(d2, sigma2))
+    k, l = stats
+    return (k * l).sum(), _gram_stats(k), _gram_stats(l)
