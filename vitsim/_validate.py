@@ -88,6 +88,13 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """A Python or NumPy bool, or `TypeError` naming `name` (a string is not a flag)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_positive(name: str, value: Any) -> float:
     """A finite number > 0, or `ValueError` naming `name`."""
     try:

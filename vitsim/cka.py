@@ -13,6 +13,7 @@ from ._validate import (
     KERNELS,
     as_matrix,
     as_tensor,
+    check_bool,
     check_choice,
     check_n,
     check_pair,
@@ -72,6 +73,7 @@ def check_options(kernel, threshold, sigma):
 
 def _similarity(what, x, y, kernel, unbiased, threshold, sigma, backend):
     threshold, sigmas = check_options(kernel, threshold, sigma)
+    unbiased = check_bool("unbiased", unbiased)
     x2, y2, numpy_out = prepare_pair(x, y, unbiased)
     if _dispatch.resolve_backend(backend, x2.device) == "reference":
         return finish(_reference(x2, y2, what, kernel, unbiased, threshold, sigmas), numpy_out)

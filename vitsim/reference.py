@@ -26,8 +26,7 @@ def gram_linear(x) -> np.ndarray:
 def sq_distances(x) -> np.ndarray:
     """All n² squared Euclidean distances `‖x_i − x_j‖²`, `(n, n)` float64."""
     x = _matrix(x)
-    diff = x[:, None, :] - x[None, :, :]
-    return np.einsum("ijk,ijk->ij", diff, diff)
+    return np.stack([((x - row) ** 2).sum(axis=1) for row in x])
 
 
 def median_sq_distance(x) -> float:
@@ -106,18 +105,28 @@ def _sigmas(sigma):
     return sigma[0], sigma[1]
 
 
+def center_features(x) -> np.ndarray:
+    """Subtract the column means of an `(n, ...)` activation set (returned as `(n, d)`)."""
+    x = _matrix(x)
+    return x - x.mean(axis=0, keepdims=True)
+
+
+def _grams(x, y, kernel, threshold, sigma):
+    # Both estimators are invariant to centring the features, and every kernel here is
+    # translation invariant: centring first keeps float64 exact for a large common offset.
+    sx, sy = _sigmas(sigma)
+    return (gram(center_features(x), kernel, threshold, sx),
+            gram(center_features(y), kernel, threshold, sy))
+
+
 def hsic(x, y, kernel="linear", unbiased=False, threshold=1.0, sigma=None) -> float:
     """HSIC between activation sets `x` `(n, ...)` and `y` `(n, ...)`."""
-    sx, sy = _sigmas(sigma)
-    return hsic_from_grams(
-        gram(x, kernel, threshold, sx), gram(y, kernel, threshold, sy), unbiased
-    )
+    return hsic_from_grams(*_grams(x, y, kernel, threshold, sigma), unbiased)
 
 
 def cka(x, y, kernel="linear", unbiased=False, threshold=1.0, sigma=None) -> float:
     """CKA between activation sets `x` `(n, ...)` and `y` `(n, ...)`; NaN when undefined."""
-    sx, sy = _sigmas(sigma)
-    return cka_from_grams(gram(x, kernel, threshold, sx), gram(y, kernel, threshold, sy), unbiased)
+    return cka_from_grams(*_grams(x, y, kernel, threshold, sigma), unbiased)
 
 
 # --- Minibatch CKA (SPEC §4) -------------------------------------------------------------
@@ -127,8 +136,7 @@ def minibatch_cka(x_batches, y_batches, kernel="linear", unbiased=True, threshol
     """`Σ_b HSIC(K_b, L_b) / sqrt(Σ_b HSIC(K_b, K_b) · Σ_b HSIC(L_b, L_b))` over paired batches."""
     kl = kk = ll = 0.0
     for xb, yb in zip(x_batches, y_batches, strict=True):
-        k = gram(xb, kernel, threshold)
-        l = gram(yb, kernel, threshold)
+        k, l = _grams(xb, yb, kernel, threshold, None)
         kl += hsic_from_grams(k, l, unbiased)
         kk += hsic_from_grams(k, k, unbiased)
         ll += hsic_from_grams(l, l, unbiased)

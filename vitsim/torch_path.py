@@ -25,8 +25,13 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def column_mean(x: torch.Tensor) -> torch.Tensor:
-    """`(d,)` float64 column means of an `(n, d)` matrix."""
-    return x.sum(dim=0, dtype=torch.float64) / x.shape[0]
+    """`(d,)` float64 column means of an `(n, d)` matrix, summed over row chunks (a plain
+    `sum(dtype=float64)` would make a float64 copy of the whole input)."""
+    step = _chunk(x.shape[1], torch.float64)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], step):
+        total += x[start:start + step].to(torch.float64).sum(dim=0)
+    return total / x.shape[0]
 
 
 def _chunk(width: int, dtype: torch.dtype) -> int:
@@ -35,39 +40,60 @@ def _chunk(width: int, dtype: torch.dtype) -> int:
 
 def _centred(block: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype):
     """Centre a block in float64 (so a large offset loses nothing), then cast for the GEMM."""
-    centred = block.to(torch.float64) - mean
+    centred = block.to(torch.float64).sub_(mean) if block.dtype != torch.float64 else block - mean
     return centred.to(dtype), centred
 
 
-def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
-    """Linear-kernel statistics in feature space, cost `n·(d1·d2 + d1² + d2²)`.
+# Self terms XcᵀXc are symmetric: only the upper blocks of this width are multiplied.
+SYM_BLOCK = 512
 
-    `Σ K∘L = ‖Xcᵀ Yc‖_F²`, `Σ K∘K = ‖Xcᵀ Xc‖_F²`, row sums zero, diagonals the centred row
-    norms². Never forms an n×n matrix. Returns `(cross, GramStats_x, GramStats_y)`.
+
+def _upper_blocks(d: int):
+    """`(rows, cols, weight)` slices covering the upper block triangle of a d×d matrix."""
+    edges = [round(i * d / max(1, d // SYM_BLOCK)) for i in range(max(1, d // SYM_BLOCK) + 1)]
+    spans = [slice(a, b) for a, b in zip(edges, edges[1:])]
+    return [(r, c, 1.0 if i == j else 2.0) for i, r in enumerate(spans) for j, c in enumerate(spans) if j >= i]
+
+
+def frobenius_sq(m: torch.Tensor) -> torch.Tensor:
+    """`‖m‖_F²` as float64, summed over row chunks so no float64 copy of `m` is made."""
+    step = _chunk(m.shape[1], torch.float64)
+    parts = [torch.sum(m[i:i + step].square(), dtype=torch.float64) for i in range(0, m.shape[0], step)]
+    return torch.stack(parts).sum()
+
+
+def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
+    """Linear-kernel statistics in feature space, cost `n·(d1·d2 + (d1² + d2²)/2)`.
+
+    `Σ K∘L = ‖Xcᵀ Yc‖_F²`, `Σ K∘K = ‖Xcᵀ Xc‖_F²` (upper blocks only), row sums zero, diagonals
+    the centred row norms². Never forms an n×n matrix. Returns `(cross, GramStats_x, GramStats_y)`.
     """
     n, d1 = x.shape
     d2 = y.shape[1]
     dtype = compute_dtype(x, y)
     mx, my = column_mean(x), column_mean(y)
-    cxy = torch.zeros(d1, d2, dtype=torch.float64, device=x.device)
-    cxx = torch.zeros(d1, d1, dtype=torch.float64, device=x.device)
-    cyy = torch.zeros(d2, d2, dtype=torch.float64, device=x.device)
+    cxy = torch.zeros(d1, d2, dtype=dtype, device=x.device)
+    cxx = torch.zeros(d1, d1, dtype=dtype, device=x.device)
+    cyy = torch.zeros(d2, d2, dtype=dtype, device=x.device)
+    bx, by = _upper_blocks(d1), _upper_blocks(d2)
     a = torch.empty(n, dtype=torch.float64, device=x.device)
     b = torch.empty(n, dtype=torch.float64, device=x.device)
     step = _chunk(max(d1, d2), torch.float64)
     for start in range(0, n, step):
         stop = min(n, start + step)
         xc, xc64 = _centred(x[start:stop], mx, dtype)
-        yc, yc64 = _centred(y[start:stop], my, dtype)
         a[start:stop] = xc64.square().sum(dim=1)
+        del xc64
+        yc, yc64 = _centred(y[start:stop], my, dtype)
         b[start:stop] = yc64.square().sum(dim=1)
-        del xc64, yc64
-        cxy += xc.T @ yc
-        cxx += xc.T @ xc
-        cyy += yc.T @ yc
-    kx = GramStats(n, None, a, cxx.square().sum())
-    ky = GramStats(n, None, b, cyy.square().sum())
-    return cxy.square().sum(), kx, ky
+        del yc64
+        cxy.addmm_(xc.T, yc)
+        for acc, zc, blocks in ((cxx, xc, bx), (cyy, yc, by)):
+            for r, c, _ in blocks:
+                acc[r, c].addmm_(zc[:, r].T, zc[:, c])
+    sxx = sum(w * frobenius_sq(cxx[r, c]) for r, c, w in bx)
+    syy = sum(w * frobenius_sq(cyy[r, c]) for r, c, w in by)
+    return frobenius_sq(cxy), GramStats(n, None, a, sxx), GramStats(n, None, b, syy)
 
 
 def centred_gram(x: torch.Tensor) -> torch.Tensor:
