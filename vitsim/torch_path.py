@@ -2,8 +2,7 @@
 benchmark baseline).
 
 All functions take `(n, d)` matrices of any float dtype and return the cross sum `Σ K∘L` and
-the two `GramStats` (see `vitsim._stats`). Columns are centred (in float64) as each chunk is
-loaded, products run in float32 (float64 for float64 inputs; TF32 on CUDA when
+the two `GramStats` (see `vitsim._stats`). Columns are centred as each chunk is loaded, products run in float32 (float64 for float64 inputs; TF32 on CUDA when
 `torch.get_float32_matmul_precision()` allows it), and every large reduction is accumulated in
 float64. Inputs are processed in chunks of rows (feature space) or columns (Gram space), so the
 extra memory stays a fraction of the inputs'.
@@ -38,14 +37,32 @@ def _chunk(width: int, dtype: torch.dtype) -> int:
     return max(64, CHUNK_BYTES // (max(width, 1) * torch.finfo(dtype).bits // 8))
 
 
-def _centred(block: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype):
-    """Centre a block in float64 (so a large offset loses nothing), then cast for the GEMM."""
-    centred = block.to(torch.float64).sub_(mean) if block.dtype != torch.float64 else block - mean
-    return centred.to(dtype), centred
+class _Centring:
+    """Subtract column means as chunks load, in the compute dtype (one pass over the chunk).
+
+    The float32 mean `m` is the float64 mean rounded, so a chunk comes out shifted by the known
+    residual `c = mean − m` (about one ulp of a large offset). Cross products only see `n·c c'ᵀ`
+    (second order, ~1e-7 relative); the row norms², which see it to first order, are corrected
+    exactly: `‖x − mean‖² = ‖x − m‖² − 2 (x − m)·c + ‖c‖²`.
+    """
+
+    def __init__(self, x: torch.Tensor, dtype: torch.dtype):
+        mean = column_mean(x)
+        self.dtype = dtype
+        self.mean = mean.to(dtype)
+        self.residual = mean - self.mean.to(torch.float64)
+        self.residual_sq = self.residual.square().sum()
+
+    def __call__(self, block: torch.Tensor):
+        """`(centred block in the compute dtype, float64 row norms² of the exactly centred rows)`."""
+        centred = block.to(self.dtype) - self.mean
+        norms = centred.square().sum(dim=1).to(torch.float64)
+        shift = (centred @ self.residual.to(self.dtype)).to(torch.float64)
+        return centred, norms - 2.0 * shift + self.residual_sq
 
 
 # Self terms XcᵀXc are symmetric: only the upper blocks of this width are multiplied.
-SYM_BLOCK = 512
+SYM_BLOCK = 1024
 
 
 def _upper_blocks(d: int):
@@ -71,7 +88,7 @@ def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
     n, d1 = x.shape
     d2 = y.shape[1]
     dtype = compute_dtype(x, y)
-    mx, my = column_mean(x), column_mean(y)
+    centre_x, centre_y = _Centring(x, dtype), _Centring(y, dtype)
     cxy = torch.zeros(d1, d2, dtype=dtype, device=x.device)
     cxx = torch.zeros(d1, d1, dtype=dtype, device=x.device)
     cyy = torch.zeros(d2, d2, dtype=dtype, device=x.device)
@@ -81,12 +98,8 @@ def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
     step = _chunk(max(d1, d2), torch.float64)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        xc, xc64 = _centred(x[start:stop], mx, dtype)
-        a[start:stop] = xc64.square().sum(dim=1)
-        del xc64
-        yc, yc64 = _centred(y[start:stop], my, dtype)
-        b[start:stop] = yc64.square().sum(dim=1)
-        del yc64
+        xc, a[start:stop] = centre_x(x[start:stop])
+        yc, b[start:stop] = centre_y(y[start:stop])
         cxy.addmm_(xc.T, yc)
         for acc, zc, blocks in ((cxx, xc, bx), (cyy, yc, by)):
             for r, c, _ in blocks:
@@ -105,7 +118,8 @@ def centred_gram(x: torch.Tensor) -> torch.Tensor:
     step = _chunk(n, torch.float64)
     for start in range(0, d, step):
         stop = min(d, start + step)
-        xc, _ = _centred(x[:, start:stop], mean[start:stop], dtype)
+        # float64 centring here: the Gram identity for distances needs every digit.
+        xc = (x[:, start:stop].to(torch.float64) - mean[start:stop]).to(dtype)
         gram += xc @ xc.T
     return gram
 
