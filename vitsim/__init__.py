@@ -1,8 +1,14 @@
 """vitsim: fused GPU kernels for the representation analyses of Raghu et al. (2021)."""
 
 from . import reference
+from .attention import attention_distance, attention_distance_qk
 from .cka import cka, hsic
+from .capture import Capture
+from .cka_matrix import cka_matrix
+from .norms import RatioOfNorms, ratio_of_norms, ratio_of_norms_maps
+from .streaming import MinibatchCKA, StreamingCKA
 
 __version__ = "0.1.0"
 
-__all__ = ["cka", "hsic", "reference", "__version__"]
+__all__ = ["attention_distance", "attention_distance_qk", "cka", "hsic", "cka_matrix", "MinibatchCKA", "StreamingCKA",
+           "Capture", "RatioOfNorms", "ratio_of_norms", "ratio_of_norms_maps", "reference", "__version__"]

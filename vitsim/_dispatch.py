@@ -131,3 +131,50 @@ def rbf_stats(x: torch.Tensor, y: torch.Tensor, backend: str, threshold: float,
             sigma2 = [torch.tensor(s * s, dtype=torch.float64, device=x.device) for s in sigmas]
         return kernel_function(*GRAM_KERNEL)(x, y, kernel="rbf", sigma2_x=sigma2[0], sigma2_y=sigma2[1])
     return torch_path.rbf_gram_stats(x, y, threshold, sigmas)
+
+
+# --- Attention distance -------------------------------------------------------------------
+
+ATTENTION_MAPS_KERNEL = ("attention_distance", "maps_distance")
+ATTENTION_QK_KERNEL = ("attention_distance", "qk_distance")
+
+
+def attention_maps_distance(attn: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int,
+                            backend: str):
+    """`(dist, row_sums)` of validated `(B, H, N, N)` maps, both `(B, H, N − P)`.
+
+    `dist` is `Σ_{k spatial} A·‖Δ‖` in patch units (float64 from the reference, otherwise the
+    compute dtype), `row_sums` the full row sums of the spatial queries.
+    """
+    chosen = resolve_backend(backend, attn.device, ATTENTION_MAPS_KERNEL)
+    if chosen == "triton":
+        return kernel_function(*ATTENTION_MAPS_KERNEL)(attn, grid, num_prefix_tokens)
+    if chosen == "torch":
+        from . import torch_attention
+
+        return torch_attention.maps_distance(attn, grid, num_prefix_tokens)
+    from . import reference
+
+    a64 = attn.detach().to(torch.float64).cpu().numpy()
+    dist = reference.attention_distance_per_query(a64, 1.0, grid, num_prefix_tokens)
+    row_sums = a64[:, :, num_prefix_tokens:].sum(axis=-1)
+    return (torch.from_numpy(dist).to(attn.device), torch.from_numpy(row_sums).to(attn.device))
+
+
+def attention_qk_distance(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[int, int],
+                          num_prefix_tokens: int, backend: str) -> torch.Tensor:
+    """`(B, H, N − P)` `Σ_{k spatial} softmax(q kᵀ·scale)·‖Δ‖` in patch units, never forming
+    the N×N matrix on the Triton path."""
+    chosen = resolve_backend(backend, q.device, ATTENTION_QK_KERNEL)
+    if chosen == "triton":
+        return kernel_function(*ATTENTION_QK_KERNEL)(q, k, scale, grid, num_prefix_tokens)
+    if chosen == "torch":
+        from . import torch_attention
+
+        return torch_attention.qk_distance(q, k, scale, grid, num_prefix_tokens)
+    from . import reference
+
+    q64, k64 = (t.detach().to(torch.float64).cpu().numpy() for t in (q, k))
+    dist = reference.attention_distance_qk(q64, k64, scale, 1.0, grid, num_prefix_tokens,
+                                           reduction="none")
+    return torch.from_numpy(dist).to(q.device)

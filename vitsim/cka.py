@@ -10,6 +10,7 @@ import torch
 from . import _dispatch, reference
 from ._stats import cka_from_stats, hsic_triple
 from ._validate import (
+    BACKENDS,
     KERNELS,
     as_matrix,
     as_tensor,
@@ -75,7 +76,8 @@ def _similarity(what, x, y, kernel, unbiased, threshold, sigma, backend):
     threshold, sigmas = check_options(kernel, threshold, sigma)
     unbiased = check_bool("unbiased", unbiased)
     x2, y2, numpy_out = prepare_pair(x, y, unbiased)
-    if _dispatch.resolve_backend(backend, x2.device) == "reference":
+    # the Triton/torch choice is made per call in `_dispatch` (it depends on the kernel)
+    if check_choice("backend", backend, BACKENDS) == "reference":
         return finish(_reference(x2, y2, what, kernel, unbiased, threshold, sigmas), numpy_out)
     cross, k, l = pair_stats(x2, y2, kernel, threshold, sigmas, backend)
     terms = hsic_triple(cross, k, l, unbiased)

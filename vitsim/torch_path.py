@@ -23,14 +23,32 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# Rows per float32 partial sum of the column means (SPEC §3: float32 partials of modest length,
+# combined in float64).
+MEAN_PARTIAL = 256
+
+
 def column_mean(x: torch.Tensor) -> torch.Tensor:
-    """`(d,)` float64 column means of an `(n, d)` matrix, summed over row chunks (a plain
-    `sum(dtype=float64)` would make a float64 copy of the whole input)."""
-    step = _chunk(x.shape[1], torch.float64)
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], step):
-        total += x[start:start + step].to(torch.float64).sum(dim=0)
-    return total / x.shape[0]
+    """`(d,)` float64 column means of an `(n, d)` matrix.
+
+    Rows are shifted by the first row (so a large common offset does not swamp the float32
+    partial sums), summed as float32 partials of `MEAN_PARTIAL` rows and added in float64; no
+    float64 copy of the input is made.
+    """
+    n, d = x.shape
+    if x.dtype == torch.float64:
+        return x.sum(dim=0) / n
+    origin = x[0].to(torch.float32)
+    total = torch.zeros(d, dtype=torch.float64, device=x.device)
+    step = max(MEAN_PARTIAL, _chunk(d, torch.float32) // MEAN_PARTIAL * MEAN_PARTIAL)
+    for start in range(0, n, step):
+        block = x[start:start + step].to(torch.float32) - origin
+        rows = block.shape[0] - block.shape[0] % MEAN_PARTIAL
+        if rows:
+            total += block[:rows].reshape(-1, MEAN_PARTIAL, d).sum(dim=1).to(torch.float64).sum(dim=0)
+        if rows < block.shape[0]:
+            total += block[rows:].sum(dim=0).to(torch.float64)
+    return origin.to(torch.float64) + total / n
 
 
 def _chunk(width: int, dtype: torch.dtype) -> int:
@@ -41,9 +59,9 @@ class _Centring:
     """Subtract column means as chunks load, in the compute dtype (one pass over the chunk).
 
     The float32 mean `m` is the float64 mean rounded, so a chunk comes out shifted by the known
-    residual `c = mean − m` (about one ulp of a large offset). Cross products only see `n·c c'ᵀ`
-    (second order, ~1e-7 relative); the row norms², which see it to first order, are corrected
-    exactly: `‖x − mean‖² = ‖x − m‖² − 2 (x − m)·c + ‖c‖²`.
+    residual `c = mean − m` (about one ulp of a large offset). The products are corrected with
+    `Σ (x_i − m)(y_i − m')ᵀ = Xcᵀ Yc + n c c'ᵀ` (`correct`), the row norms² per row:
+    `‖x − mean‖² = ‖x − m‖² − 2 (x − m)·c + ‖c‖²`.
     """
 
     def __init__(self, x: torch.Tensor, dtype: torch.dtype):
@@ -56,9 +74,13 @@ class _Centring:
     def __call__(self, block: torch.Tensor):
         """`(centred block in the compute dtype, float64 row norms² of the exactly centred rows)`."""
         centred = block.to(self.dtype) - self.mean
-        norms = centred.square().sum(dim=1).to(torch.float64)
+        norms = torch.linalg.vecdot(centred, centred, dim=1).to(torch.float64)
         shift = (centred @ self.residual.to(self.dtype)).to(torch.float64)
         return centred, norms - 2.0 * shift + self.residual_sq
+
+    def correct(self, product: torch.Tensor, other: "_Centring", n: int) -> None:
+        """Remove `n c c'ᵀ` from an accumulated `Σ (x_i − m)(y_i − m')ᵀ` block, in place."""
+        product.addr_(self.residual.to(product.dtype), other.residual.to(product.dtype), alpha=-n)
 
 
 # Self terms XcᵀXc are symmetric: only the upper blocks of this width are multiplied.
@@ -104,6 +126,10 @@ def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
         for acc, zc, blocks in ((cxx, xc, bx), (cyy, yc, by)):
             for r, c, _ in blocks:
                 acc[r, c].addmm_(zc[:, r].T, zc[:, c])
+    centre_x.correct(cxy, centre_y, n)
+    for acc, centre, blocks in ((cxx, centre_x, bx), (cyy, centre_y, by)):
+        for r, c, _ in blocks:
+            acc[r, c].addr_(centre.residual[r].to(dtype), centre.residual[c].to(dtype), alpha=-n)
     sxx = sum(w * frobenius_sq(cxx[r, c]) for r, c, w in bx)
     syy = sum(w * frobenius_sq(cyy[r, c]) for r, c, w in by)
     return frobenius_sq(cxy), GramStats(n, None, a, sxx), GramStats(n, None, b, syy)
