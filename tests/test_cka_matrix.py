@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vitsim
-from vitsim import _dispatch, reference
+from vitsim import _dispatch, reference, torch_path
 from _data import related_pair, to_numpy
 
 # `vitsim.cka_matrix` is the function; the module is reached through sys.modules.
@@ -120,14 +120,14 @@ def test_large_common_offset_float32(unbiased):
 def test_half_precision_gram_route(case, unbiased):
     # The CUDA bfloat16 route (shift by the rounded mean, products in bf16, float64 centring),
     # run here through its exact float32 fallback, at the route's minimum n.
-    x, y = related_pair(cm.HALF_FAST_MIN_EXAMPLES, 1500, 1100, torch.float64, seed=3)
+    x, y = related_pair(torch_path.HALF_FAST_MIN_EXAMPLES, 1500, 1100, torch.float64, seed=3)
     if case == "offset":
         x, y = x + 1e3, y + 1e3
     if case == "outlier":  # an example far out
         x[0] *= 30
         y[0] *= 30
     x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
-    k, l = (cm.shifted_gram(z, torch.bfloat16) for z in (x, y))
+    k, l = (torch_path.shifted_gram(z, torch.bfloat16) for z in (x, y))
     tk, tl = (cm.transform_gram_(g.clone(), unbiased).reshape(-1) for g in (k, l))
     got = (tk @ tl / torch.sqrt((tk @ tk) * (tl @ tl))).item()
     want = reference.cka(to_numpy(x), to_numpy(y), unbiased=unbiased)

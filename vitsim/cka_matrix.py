@@ -45,12 +45,6 @@ from .cka import check_options
 # examples. Measured on CPU with bfloat16, d ≈ 1,000: unbiased CKA error ~2e-4 at n = 64
 # (6e-4 with one example 30x further out), but 5e-3 at n = 4 (SPEC §8 allows 1e-3); small
 # problems are cheap in float32 anyway.
-HALF_FAST_MIN_FEATURES = 1024
-HALF_FAST_MIN_EXAMPLES = 128
-
-_MM_OUT_DTYPE = None  # None: untried; True/False: torch.mm(..., out_dtype=) works on CUDA
-
-
 # --- validation ---------------------------------------------------------------------------
 
 
@@ -113,85 +107,11 @@ def check_finite_inputs(named: dict[str, torch.Tensor], *results: torch.Tensor) 
 # --- Gram matrices ------------------------------------------------------------------------
 
 
-def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b` for half-precision operands: products in the input dtype, float32 output."""
-    global _MM_OUT_DTYPE
-    if a.is_cuda and _MM_OUT_DTYPE is not False:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
-        else:
-            _MM_OUT_DTYPE = True
-            return out
-    # Exact: a product of two half-precision numbers fits float32's mantissa.
-    return torch.mm(a.float(), b.float())
-
-
-def double_centre(gram: torch.Tensor) -> torch.Tensor:
-    """`HKH` of a symmetric float64 `(n, n)` matrix, in place."""
-    rows = gram.mean(dim=1)
-    gram -= rows[:, None]
-    gram -= rows[None, :]
-    gram += rows.mean()
-    return gram
-
-
-def shifted_gram(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """`(n, n)` float64 `Xc Xcᵀ` of an `(n, d)` input, with products in the dtype `work`.
-
-    Each column chunk is shifted by a column mean rounded to `work` (where the offset is large
-    every value lies within a factor 2 of it, so the difference is exact: Sterbenz), multiplied
-    with float32 accumulation (float64 for float64), summed over chunks in float64 and
-    double-centred in float64, which removes whatever offset the rounded shift left. One pass
-    for the mean (accumulated in float32, float64 for float64 inputs, without a widened copy),
-    one over the data.
-    """
-    n, d = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    shift = (x.sum(dim=0, dtype=acc) / n).to(work)
-    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    half = work in (torch.float16, torch.bfloat16)
-    step = max(64, torch_path.CHUNK_BYTES // (n * torch.finfo(work).bits // 8))
-    for start in range(0, d, step):
-        shifted = x[:, start:start + step].to(work) - shift[start:start + step]
-        gram += (_mm_float32(shifted, shifted.T) if half else shifted @ shifted.T).double()
-    return double_centre(gram)
-
-
-def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """`(n, n)` float64 Gram matrix of the column-centred `(n, d)` input (SPEC §3: centre first).
-
-    float32/float64 inputs multiply in their own dtype; float16/bfloat16 ones in float32, except
-    on CUDA with many examples and features, where the shifted copy stays in the input dtype
-    (products exact, float32 accumulation) and its rounding averages out.
-    """
-    if x.dtype in (torch.float32, torch.float64):
-        return shifted_gram(x, x.dtype)
-    if x.is_cuda and x.shape[0] >= HALF_FAST_MIN_EXAMPLES and x.shape[1] >= HALF_FAST_MIN_FEATURES:
-        return shifted_gram(x, x.dtype)
-    return shifted_gram(x, torch.float32)
-
-
-def kernel_gram(x: torch.Tensor, kernel: str, threshold: float,
-                sigma: float | None) -> torch.Tensor:
-    """Float64 `(n, n)` Gram matrix of `x` `(n, d)`: centred linear, or RBF with the exact median
-    bandwidth `σ² = threshold² · median(D²)` of this `x` unless `sigma` is given."""
-    gram = centred_gram(x)
-    if kernel == "linear":
-        return gram
-    d2 = torch_path.sq_distances_from_gram(gram)
-    sigma2 = threshold**2 * torch_path.median(d2) if sigma is None else sigma**2
-    return torch_path.rbf_from_sq_distances(d2, sigma2)
-
-
 def transform_gram_(k: torch.Tensor, unbiased: bool) -> torch.Tensor:
     """In place: `HKH` (biased) or the U-centred K (unbiased), so `HSIC = ⟨T(K), T(L)⟩ / c`."""
     n = k.shape[0]
     if not unbiased:
-        return double_centre(k)
+        return torch_path.double_centre(k)
     k.fill_diagonal_(0.0)
     rows = k.sum(dim=1)
     k -= rows[:, None] / (n - 2)
@@ -211,7 +131,7 @@ def _gram_stack(mats, kernel, unbiased, threshold, sigma):
     stack = torch.empty(len(mats), n, n, dtype=torch.float64, device=mats[0].device)
     floors = torch.empty(len(mats), dtype=torch.float64, device=mats[0].device)
     for i, mat in enumerate(mats):
-        k = kernel_gram(mat, kernel, threshold, sigma)
+        k = torch_path.kernel_gram(mat, kernel, threshold, sigma)
         flat = k.reshape(-1)
         floors[i] = self_term_floor(GramStats(n, None, torch.diagonal(k), flat @ flat))
         stack[i] = transform_gram_(k, unbiased)

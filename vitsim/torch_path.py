@@ -95,10 +95,8 @@ def _upper_blocks(d: int):
 
 
 def frobenius_sq(m: torch.Tensor) -> torch.Tensor:
-    """`‖m‖_F²` as float64, summed over row chunks so no float64 copy of `m` is made."""
-    step = _chunk(m.shape[1], torch.float64)
-    parts = [torch.sum(m[i:i + step].square(), dtype=torch.float64) for i in range(0, m.shape[0], step)]
-    return torch.stack(parts).sum()
+    """`‖m‖_F²` as float64: float32 (float64 for float64 `m`) row sums added in float64."""
+    return torch.linalg.vecdot(m, m, dim=1).to(torch.float64).sum()
 
 
 def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
@@ -135,19 +133,82 @@ def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
     return frobenius_sq(cxy), GramStats(n, None, a, sxx), GramStats(n, None, b, syy)
 
 
-def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """`(n, n)` float64 Gram matrix `Xc Xcᵀ` of the column-centred input, built over column chunks."""
-    n, d = x.shape
-    dtype = compute_dtype(x)
-    mean = column_mean(x)
-    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    step = _chunk(n, torch.float64)
-    for start in range(0, d, step):
-        stop = min(d, start + step)
-        # float64 centring here: the Gram identity for distances needs every digit.
-        xc = (x[:, start:stop].to(torch.float64) - mean[start:stop]).to(dtype)
-        gram += xc @ xc.T
+HALF_FAST_MIN_FEATURES = 1024
+HALF_FAST_MIN_EXAMPLES = 128
+
+_MM_OUT_DTYPE = None  # None: untried; True/False: torch.mm(..., out_dtype=) works on CUDA
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` for half-precision operands: products in the input dtype, float32 output."""
+    global _MM_OUT_DTYPE
+    if a.is_cuda and _MM_OUT_DTYPE is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+        else:
+            _MM_OUT_DTYPE = True
+            return out
+    # Exact: a product of two half-precision numbers fits float32's mantissa.
+    return torch.mm(a.float(), b.float())
+
+
+def double_centre(gram: torch.Tensor) -> torch.Tensor:
+    """`HKH` of a symmetric float64 `(n, n)` matrix, in place."""
+    rows = gram.mean(dim=1)
+    gram -= rows[:, None]
+    gram -= rows[None, :]
+    gram += rows.mean()
     return gram
+
+
+def shifted_gram(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """`(n, n)` float64 `Xc Xcᵀ` of an `(n, d)` input, with products in the dtype `work`.
+
+    Each column chunk is shifted by a column mean rounded to `work` (where the offset is large
+    every value lies within a factor 2 of it, so the difference is exact: Sterbenz), multiplied
+    with float32 accumulation (float64 for float64), summed over chunks in float64 and
+    double-centred in float64, which removes whatever offset the rounded shift left. One pass
+    for the mean (`column_mean`), one over the data.
+    """
+    n, d = x.shape
+    shift = column_mean(x).to(work)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    half = work in (torch.float16, torch.bfloat16)
+    step = max(64, CHUNK_BYTES // (n * torch.finfo(work).bits // 8))
+    for start in range(0, d, step):
+        shifted = x[:, start:start + step].to(work) - shift[start:start + step]
+        gram += (_mm_float32(shifted, shifted.T) if half else shifted @ shifted.T).double()
+    return double_centre(gram)
+
+
+def centred_gram(x: torch.Tensor) -> torch.Tensor:
+    """`(n, n)` float64 Gram matrix of the column-centred `(n, d)` input (SPEC §3: centre first).
+
+    float32/float64 inputs multiply in their own dtype; float16/bfloat16 ones in float32, except
+    on CUDA with many examples and features, where the shifted copy stays in the input dtype
+    (products exact, float32 accumulation) and its rounding averages out.
+    """
+    if x.dtype in (torch.float32, torch.float64):
+        return shifted_gram(x, x.dtype)
+    if x.is_cuda and x.shape[0] >= HALF_FAST_MIN_EXAMPLES and x.shape[1] >= HALF_FAST_MIN_FEATURES:
+        return shifted_gram(x, x.dtype)
+    return shifted_gram(x, torch.float32)
+
+
+def kernel_gram(x: torch.Tensor, kernel: str, threshold: float,
+                sigma: float | None) -> torch.Tensor:
+    """Float64 `(n, n)` Gram matrix of `x` `(n, d)`: centred linear, or RBF with the exact median
+    bandwidth `σ² = threshold² · median(D²)` of this `x` unless `sigma` is given."""
+    gram = centred_gram(x)
+    if kernel == "linear":
+        return gram
+    d2 = sq_distances_from_gram(gram)
+    sigma2 = threshold**2 * median(d2) if sigma is None else sigma**2
+    return rbf_from_sq_distances(d2, sigma2)
 
 
 def _gram_stats(k: torch.Tensor) -> GramStats:
@@ -196,10 +257,6 @@ def rbf_from_sq_distances(d2: torch.Tensor, sigma2: torch.Tensor | float) -> tor
 def rbf_gram_stats(x: torch.Tensor, y: torch.Tensor, threshold: float = 1.0,
                    sigmas: tuple[float, float] | None = None):
     """RBF-kernel statistics; the bandwidth is the exact median rule unless `sigmas` is given."""
-    stats = []
-    for i, z in enumerate((x, y)):
-        d2 = sq_distances_from_gram(centred_gram(z))
-        sigma2 = threshold**2 * median(d2) if sigmas is None else sigmas[i] ** 2
-        stats.append(rbf_from_sq_distances(d2, sigma2))
-    k, l = stats
+    k = kernel_gram(x, "rbf", threshold, None if sigmas is None else sigmas[0])
+    l = kernel_gram(y, "rbf", threshold, None if sigmas is None else sigmas[1])
     return (k * l).sum(), _gram_stats(k), _gram_stats(l)
