@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -4,6 +4,9 @@
     python benchmarks/peers.py --device cuda        # GPU cases (+ n = 65,536 and the largest-n scan)
     python benchmarks/peers.py --bad-inputs         # what each package does with bad input
     python benchmarks/peers.py --quick              # tiny sizes: checks the plumbing in seconds
+    python benchmarks/peers.py --cases W6-biased --interleave ultimate-anatome   # A/B timing
+    python benchmarks/peers.py --peers vitsim --merge   # re-measure vitsim's rows only
+    python benchmarks/peers.py --render benchmarks/results/peers-cpu.json       # redo the .md
 
 Run it from a virtual environment that has the peers installed (`benchmarks/requirements-peers.txt`,
 never a dependency of vitsim) and vitsim itself (`pip install -e . --no-deps`).
@@ -21,6 +24,11 @@ inputs, measured in the same run: feature space `XcᵀYc` plus the self terms `X
 with each symmetric block pair computed once (upper block triangle); Gram space (and RBF) the
 two Gram matrices, again one block per symmetric pair. The plain three-GEMM time is reported
 beside it.
+
+On a shared machine the load changes from minute to minute, so rows measured minutes apart are
+not comparable to a few percent. `--interleave` calls vitsim, the named packages and the GEMM
+floors in turn in one process (A/B timing); the W6 targets are judged from those times when
+`<stem>-interleaved.json` exists beside the main report.
 """
 
 from __future__ import annotations
@@ -828,7 +836,8 @@ def interleave_report(args) -> None:
             shutil.rmtree(case_dir, ignore_errors=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = (args.stem or f"peers-{args.device}") + "-interleaved"
+    main_stem = args.stem or f"peers-{args.device}" + ("-quick" if args.quick else "")
+    stem = main_stem + "-interleaved"
     if args.merge and (out_dir / f"{stem}.json").exists():
         # Keep the cases of the earlier interleaved run that this one did not repeat.
         old = json.loads((out_dir / f"{stem}.json").read_text())
@@ -842,7 +851,7 @@ def interleave_report(args) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out_dir / stem}.md and .json", flush=True)
-    main_json = out_dir / f"{args.stem or f'peers-{args.device}'}.json"
+    main_json = out_dir / f"{main_stem}.json"
     if main_json.exists():
         # The targets of the main report are judged from these interleaved times.
         write_report(json.loads(main_json.read_text()), out_dir, main_json.stem)

@@ -32,7 +32,8 @@ def _add_compare(subparsers) -> None:
                    help=f"use at most N images (default {PAPER_NUM_IMAGES}, as in the paper; 0 = all)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help=f"minibatch size of minibatch CKA (default {PAPER_BATCH_SIZE} on CUDA as in "
-                        f"the paper, {CPU_BATCH_SIZE} on CPU)")
+                        f"the paper, {CPU_BATCH_SIZE} on CPU); the activations of one minibatch "
+                        "are held in memory, and the CKA values depend on it")
     p.add_argument("--pretrained", action="store_true",
                    help="load timm's pretrained weights (downloads them)")
     p.add_argument("--checkpoint-a", metavar="PATH", help="state dict file for MODEL_A")

@@ -591,8 +591,15 @@ def run(cfg: CompareConfig) -> dict:
 
     if not progress["complete"]:
         transforms_cfg = [data_a] if data_a == data_b else [data_a, data_b]
-        _stream(cfg, source, [make_transform(c) for c in transforms_cfg], model_a, model_b,
-                comparison, progress, batch_size, device, dtype, save_state)
+        try:
+            _stream(cfg, source, [make_transform(c) for c in transforms_cfg], model_a, model_b,
+                    comparison, progress, batch_size, device, dtype, save_state)
+        except torch.cuda.OutOfMemoryError:
+            raise CompareError(
+                f"out of GPU memory with --batch-size {batch_size} (the activations of every "
+                f"captured layer of both models are held for one minibatch); use a smaller "
+                f"--batch-size, --dtype bfloat16 or --granularity blocks. Progress so far is in "
+                f"{state_path}: --resume continues only with the same batch size") from None
     results = _results(cfg, comparison, progress, source, batch_size, device, data_a, data_b,
                        meta_a, meta_b)
     write_report(results, comparison, out)

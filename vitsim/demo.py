@@ -8,6 +8,7 @@ the run goes through the same path as any image folder. Seeded; a few minutes on
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -110,8 +111,6 @@ def run_demo(out: str = "vitsim-demo", *, epochs: int | None = None, seed: int =
     Returns:
         The results dict of `vitsim.compare.run`.
     """
-    import timm
-
     out_dir = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
@@ -129,6 +128,34 @@ def run_demo(out: str = "vitsim-demo", *, epochs: int | None = None, seed: int =
 
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    # These models are too small for intra-op threads to pay off on a CPU: one thread trains as
+    # fast as two, and does not stall when other processes share the cores.
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        paths = _train_both(x, y, x_test, y_test, epochs, seed, dev, background, data_config,
+                            ckpt_dir, log)
+    finally:
+        torch.set_num_threads(threads)
+
+    heldout = out_dir / "heldout"
+    # Rewritten every run: another seed holds out other digits.
+    shutil.rmtree(heldout, ignore_errors=True)
+    _write_pngs(test_img, test_lab, heldout)
+    log(f"comparing on {len(test_img)} held-out digits")
+    cfg = CompareConfig(
+        model_a=VIT[0], model_b=RESNET[0], images=str(heldout), num_images=None, batch_size=120,
+        checkpoint_a=str(paths["vit"]), checkpoint_b=str(paths["resnet"]), device=str(dev),
+        granularity="fine", out=str(out_dir), workers=0, progress=progress)
+    return run(cfg)
+
+
+def _train_both(x, y, x_test, y_test, epochs, seed, dev, background, data_config, ckpt_dir,
+                log) -> dict:
+    """Train the demo ViT and ResNet; save their checkpoints; returns `{key: path}`."""
+    import timm
+
     paths = {}
     for key, (name, kwargs) in (("vit", VIT), ("resnet", RESNET)):
         n_epochs, lr, batch = TRAINING[key]
@@ -139,23 +166,13 @@ def run_demo(out: str = "vitsim-demo", *, epochs: int | None = None, seed: int =
             f"on {len(x)} digits for {n_epochs} epochs")
         started = time.perf_counter()
         acc = train(model, x, y, x_test, y_test, epochs=n_epochs, lr=lr, batch=batch,
-                    background=background,
-                    seed=seed, device=dev, name=key, log=log)
+                    background=background, seed=seed, device=dev, name=key, log=log)
         meta = {"model": name, "model_kwargs": kwargs, "data_config": data_config,
                 "training": {"dataset": "scikit-learn digits", "train_images": len(x),
                              "heldout_images": len(x_test), "epochs": n_epochs, "seed": seed,
                              "heldout_accuracy": acc,
                              "seconds": round(time.perf_counter() - started, 1)}}
         paths[key] = ckpt_dir / f"{key}.pth"
-        torch.save({"vitsim": meta, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
-                   paths[key])
-
-    heldout = out_dir / "heldout"
-    if not heldout.is_dir():
-        _write_pngs(test_img, test_lab, heldout)
-    log(f"comparing on {len(test_img)} held-out digits")
-    cfg = CompareConfig(
-        model_a=VIT[0], model_b=RESNET[0], images=str(heldout), num_images=None, batch_size=120,
-        checkpoint_a=str(paths["vit"]), checkpoint_b=str(paths["resnet"]), device=str(dev),
-        granularity="fine", out=str(out_dir), workers=0, progress=progress)
-    return run(cfg)
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        torch.save({"vitsim": meta, "state_dict": state}, paths[key])
+    return paths
