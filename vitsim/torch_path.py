@@ -84,7 +84,7 @@ class _Centring:
 
 
 # Self terms XcᵀXc are symmetric: only the upper blocks of this width are multiplied.
-SYM_BLOCK = 1024
+SYM_BLOCK = 512
 
 
 def _upper_blocks(d: int):
