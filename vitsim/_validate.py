@@ -118,6 +118,22 @@ def check_sigma(sigma: Any) -> tuple[float, float] | None:
     return s, s
 
 
+def check_finite_result(results, inputs: dict, overflow: str) -> None:
+    """One host sync on the (small) `results`; only when one is not finite, scan `inputs` (raising
+    `ValueError` naming the first with NaN/Inf) and, if they are all finite, raise `overflow`.
+
+    Args:
+        results: a tensor or a sequence of tensors (any shapes) computed from `inputs`.
+        inputs: `{argument name: tensor}`.
+        overflow: the message when the inputs are finite but a result is not.
+    """
+    results = results if isinstance(results, (list, tuple)) else (results,)
+    if bool(torch.isfinite(torch.cat([r.reshape(-1) for r in results])).all()):
+        return
+    raise_if_not_finite(**inputs)
+    raise ValueError(overflow)
+
+
 def raise_if_not_finite(**tensors: torch.Tensor) -> None:
     """Scan the named tensors and raise `ValueError` naming the first with NaN or Inf.
 

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from . import _dispatch
-from ._validate import as_tensor, check_choice, check_positive, raise_if_not_finite
+from ._validate import (
+    as_tensor,
+    check_choice,
+    check_finite_result,
+    check_positive,
+    raise_if_not_finite,
+)
 
 REDUCTIONS = ("mean", "none")
 
@@ -181,8 +187,7 @@ def attention_distance_qk(q, k, *, scale=None, patch_size=16, grid=None, num_pre
         qt, kt = qt.to(common), kt.to(common)
     grid_hw, p = resolve_grid(qt.shape[2], num_prefix_tokens, grid)
     dist = _dispatch.attention_qk_distance(qt, kt, scale, grid_hw, p, backend)
-    if not bool(torch.isfinite(dist).all()):
-        raise_if_not_finite(q=qt, k=kt)
-        raise ValueError("the softmax overflowed: q kᵀ · scale is not finite; rescale q or k")
+    check_finite_result(dist, {"q": qt, "k": kt},
+                        "the softmax overflowed: q kᵀ · scale is not finite; rescale q or k")
     numpy_out = isinstance(q, np.ndarray) and isinstance(k, np.ndarray)
     return _finish(dist, patch_size, reduction, numpy_out)

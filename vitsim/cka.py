@@ -16,6 +16,7 @@ from ._validate import (
     as_tensor,
     check_bool,
     check_choice,
+    check_finite_result,
     check_n,
     check_pair,
     check_positive,
@@ -81,10 +82,8 @@ def _similarity(what, x, y, kernel, unbiased, threshold, sigma, backend):
         return finish(_reference(x2, y2, what, kernel, unbiased, threshold, sigmas), numpy_out)
     cross, k, l = pair_stats(x2, y2, kernel, threshold, sigmas, backend)
     terms = hsic_triple(cross, k, l, unbiased)
-    # One host sync: finite data never pays for a scan of the inputs.
-    if not bool(torch.isfinite(torch.stack(terms)).all()):
-        raise_if_not_finite(x=x2, y=y2)
-        raise ValueError("the result overflowed: rescale x and y (or pass float32 inputs)")
+    check_finite_result(terms, {"x": x2, "y": y2},
+                        "the result overflowed: rescale x and y (or pass float32 inputs)")
     if what == "hsic":
         return finish(terms[0], numpy_out)
     return finish(cka_from_stats(cross, k, l, unbiased), numpy_out)

@@ -34,6 +34,7 @@ from ._validate import (
     as_matrix,
     as_tensor,
     check_bool,
+    check_finite_result,
     check_n,
     check_pair,
     raise_if_not_finite,
@@ -96,12 +97,7 @@ def prepare_layers(name: str, layers, unbiased: bool, first=None) -> list[torch.
     return mats
 
 
-def check_finite_inputs(named: dict[str, torch.Tensor], *results: torch.Tensor) -> None:
-    """One host sync on the (small) results; scan the inputs only when a result is not finite."""
-    if bool(torch.isfinite(torch.cat([r.reshape(-1) for r in results])).all()):
-        return
-    raise_if_not_finite(**named)
-    raise ValueError("the result overflowed: rescale the inputs (or pass float32 inputs)")
+LAYERS_OVERFLOW = "the result overflowed: rescale the inputs (or pass float32 inputs)"
 
 
 # --- Gram matrices ------------------------------------------------------------------------
@@ -339,6 +335,6 @@ def cka_matrix(xs, ys=None, *, kernel="linear", unbiased=False, threshold=1.0, s
     blocks = hsic_blocks(xs2, ys2, kernel, unbiased, threshold, sigmas)
     named = {f"xs[{i}]": x for i, x in enumerate(xs2)}
     named.update({f"ys[{j}]": y for j, y in enumerate(ys2 or [])})
-    check_finite_inputs(named, *blocks[:3])
+    check_finite_result(blocks[:3], named, LAYERS_OVERFLOW)
     out = cka_from_blocks(*blocks)
     return out.cpu().numpy() if numpy_out else out

@@ -147,13 +147,11 @@ def plot_ratio_of_norms(models: list[dict], path) -> None:
                             lw=1, label=f"class token, {branch}")
                 ax.plot(x[sel], values("spatial")[sel], marker=marker, ls=style, color="C0", ms=4,
                         lw=1, label=f"spatial tokens, {branch}")
-            labels = [b.split(".")[-1] for b in blocks]
             ax.set_xlabel("block (attention and MLP sub-blocks)")
         else:
             x = np.arange(len(rows))
             ax.plot(x, values("ratio"), marker="o", color="C2", ms=4, lw=1,
                     label="block (all positions)")
-            labels = [r["block"] for r in rows]
             ax.set_xlabel("residual block")
         if not any(np.isfinite(values(k)).any() for k in ("cls", "spatial", "ratio")):
             ax.text(0.5, 0.5, "f(z) = 0 in every block: the ratio is infinite\n"

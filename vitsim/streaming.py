@@ -20,14 +20,14 @@ from ._validate import (
     as_matrix,
     as_tensor,
     check_bool,
+    check_finite_result,
     check_n,
     check_pair,
-    raise_if_not_finite,
 )
 from .cka import check_options
 from .cka_matrix import (
+    LAYERS_OVERFLOW,
     centred_rows,
-    check_finite_inputs,
     cka_from_blocks,
     hsic_blocks,
     layer_sequence,
@@ -153,7 +153,7 @@ class MinibatchCKA:
         blocks = hsic_blocks(xs2, ys2, self.kernel, self.unbiased, self.threshold, self.sigmas)
         named = {f"xs[{i}]": x for i, x in enumerate(xs2)}
         named.update({f"ys[{j}]": y for j, y in enumerate(ys2 or [])})
-        check_finite_inputs(named, *blocks[:3])
+        check_finite_result(blocks[:3], named, LAYERS_OVERFLOW)
         hxy, hxx, hyy, floor_x, floor_y = blocks
         counts = torch.tensor([1.0, float(xs2[0].shape[0])], dtype=torch.float64, device=device)
         batch = torch.cat([hxy.reshape(-1), hxx, hyy, floor_x, floor_y, counts])
@@ -413,9 +413,7 @@ class StreamingCKA:
         else:
             ref = tuple(r.to(x2.device) for r in self._ref)
         batch = self._batch_sums(x2, y2, *ref)
-        if not bool(torch.isfinite(batch).all()):
-            raise_if_not_finite(x=x2, y=y2)
-            raise ValueError("the sums overflowed: rescale x and y")
+        check_finite_result(batch, {"x": x2, "y": y2}, "the sums overflowed: rescale x and y")
         if self._sums is None:
             self._sums = torch.zeros_like(batch)
             self._dims = (d1, d2)
