@@ -6,7 +6,7 @@ import torch
 
 import vitsim
 from vitsim import _dispatch, reference
-from _data import related_pair, to_numpy
+from _data import related_pair, rng, to_numpy
 
 # SPEC §8, absolute error in CKA against the float64 reference computed on the same rounded
 # inputs. The CPU torch path runs float32 products at full precision and upcasts half inputs
@@ -199,3 +199,28 @@ def test_torch_median_is_numpy_median():
         # only to float64 rounding; the selection itself is exact.
         got = torch_path.median_sq_distance(x).item()
         assert got == pytest.approx(reference.median_sq_distance(x.numpy()), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 10, 101])
+def test_median_selection_both_branches_follow_numpy(count):
+    """The CPU branch (one `np.partition`) and the torch branch (`kthvalue`, what CUDA runs)."""
+    from vitsim import torch_path
+
+    values = torch.from_numpy(rng(count).integers(0, 5, count).astype(np.float64))  # ties
+    want = np.median(values.numpy())
+    assert torch_path.median(values).item() == want
+    assert torch_path.median_torch(values).item() == want
+
+
+def test_rbf_map_zero_bandwidth_and_nan():
+    from vitsim import torch_path
+
+    d2 = torch.tensor([[0.0, 2.0], [0.0, float("nan")]], dtype=torch.float64)
+    zero = torch_path.rbf_from_sq_distances(d2, 0.0)
+    assert zero[0].tolist() == [1.0, 0.0] and zero[1, 0].item() == 1.0
+    assert torch.isnan(zero[1, 1])  # a NaN distance stays NaN, even at σ = 0
+    k = torch_path.rbf_from_sq_distances(d2, 2.0)
+    assert k[0].tolist() == [1.0, float(np.exp(-0.5))] and torch.isnan(k[1, 1])
+    same = d2.clone()
+    assert torch_path.rbf_from_sq_distances(same, 2.0, inplace=True) is same
+    assert torch.equal(d2[0], torch.tensor([0.0, 2.0], dtype=torch.float64))  # not inplace: untouched

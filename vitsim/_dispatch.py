@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from . import torch_path
+from . import blas_cpu, torch_path
 from ._validate import BACKENDS, check_choice
 
 
@@ -110,6 +110,8 @@ def linear_stats(x: torch.Tensor, y: torch.Tensor, backend: str, space: str | No
             return kernel_function(*FEATURE_KERNEL)(x, y)
         return kernel_function(*GRAM_KERNEL)(x, y, kernel="linear")
     if space == "feature":
+        if x.device.type == "cpu":  # NumPy's BLAS has syrk for the self terms; torch has not
+            return blas_cpu.linear_feature_stats(x, y)
         return torch_path.linear_feature_stats(x, y)
     return torch_path.linear_gram_stats(x, y)
 

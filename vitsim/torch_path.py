@@ -10,6 +10,7 @@ extra memory stays a fraction of the inputs'.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._stats import GramStats
@@ -35,6 +36,15 @@ def column_mean(x: torch.Tensor) -> torch.Tensor:
     partial sums), summed as float32 partials of `MEAN_PARTIAL` rows and added in float64; no
     float64 copy of the input is made.
     """
+    if x.device.type == "cpu":
+        from . import blas_cpu
+
+        return torch.from_numpy(blas_cpu.column_mean(x))
+    return column_mean_torch(x)
+
+
+def column_mean_torch(x: torch.Tensor) -> torch.Tensor:
+    """`column_mean` with torch ops on any device (what CUDA tensors run)."""
     n, d = x.shape
     if x.dtype == torch.float64:
         return x.sum(dim=0) / n
@@ -172,10 +182,20 @@ def shifted_gram(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     every value lies within a factor 2 of it, so the difference is exact: Sterbenz), multiplied
     with float32 accumulation (float64 for float64), summed over chunks in float64 and
     double-centred in float64, which removes whatever offset the rounded shift left. One pass
-    for the mean (`column_mean`), one over the data.
+    for the mean (`column_mean`), one over the data. CPU tensors go through NumPy's BLAS
+    (`vitsim.blas_cpu.shifted_gram`: one syrk per chunk, half the multiply-adds).
     """
+    if x.device.type == "cpu" and work in (torch.float32, torch.float64):
+        from . import blas_cpu
+
+        return blas_cpu.shifted_gram(x, work)
+    return shifted_gram_torch(x, work)
+
+
+def shifted_gram_torch(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """`shifted_gram` with torch ops on any device (what CUDA tensors run)."""
     n, d = x.shape
-    shift = column_mean(x).to(work)
+    shift = column_mean_torch(x).to(work)
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     half = work in (torch.float16, torch.bfloat16)
     step = max(64, CHUNK_BYTES // (n * torch.finfo(work).bits // 8))
@@ -206,33 +226,56 @@ def kernel_gram(x: torch.Tensor, kernel: str, threshold: float,
     gram = centred_gram(x)
     if kernel == "linear":
         return gram
-    d2 = sq_distances_from_gram(gram)
+    d2 = sq_distances_from_gram(gram, inplace=True)
     sigma2 = threshold**2 * median(d2) if sigma is None else sigma**2
-    return rbf_from_sq_distances(d2, sigma2)
+    return rbf_from_sq_distances(d2, sigma2, inplace=True)
+
+
+def sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`Σ a∘b` of two float64 `(n, n)` matrices as a 0-d tensor, without an n×n temporary on
+    the CPU (float64 row sums, then their sum)."""
+    if a.device.type == "cpu":
+        rows = np.einsum("ij,ij->i", a.numpy(), b.numpy())
+        return torch.tensor(rows.sum(), dtype=torch.float64)
+    return (a * b).sum()
 
 
 def _gram_stats(k: torch.Tensor) -> GramStats:
-    return GramStats(k.shape[0], k.sum(dim=1), torch.diagonal(k).clone(), k.square().sum())
+    return GramStats(k.shape[0], k.sum(dim=1), torch.diagonal(k).clone(), sum_of_products(k, k))
 
 
 def linear_gram_stats(x: torch.Tensor, y: torch.Tensor):
     """Linear-kernel statistics in Gram space, cost `n²·(d1 + d2)`, memory two n×n matrices."""
     k = centred_gram(x)
     l = centred_gram(y)
-    return (k * l).sum(), _gram_stats(k), _gram_stats(l)
+    return sum_of_products(k, l), _gram_stats(k), _gram_stats(l)
 
 
-def sq_distances_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    """`D²_ij = G_ii + G_jj − 2 G_ij`, clamped at 0, exact zeros on the diagonal."""
-    diag = torch.diagonal(gram)
-    d2 = (diag[:, None] + diag[None, :] - 2.0 * gram).clamp_min_(0.0)
+def sq_distances_from_gram(gram: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """`D²_ij = G_ii + G_jj − 2 G_ij`, clamped at 0, exact zeros on the diagonal; `inplace`
+    overwrites `gram` (no n×n temporary)."""
+    diag = torch.diagonal(gram).clone()
+    d2 = gram if inplace else gram.clone()
+    d2.mul_(-2.0).add_(diag[:, None]).add_(diag[None, :]).clamp_min_(0.0)
     d2.fill_diagonal_(0.0)
     return d2
 
 
 def median(values: torch.Tensor) -> torch.Tensor:
-    """Exact median with numpy's convention (mean of the two middle values for even counts)."""
+    """Exact median with numpy's convention (mean of the two middle values for even counts);
+    0-d float64 on `values`' device."""
     flat = values.reshape(-1)
+    count = flat.numel()
+    if flat.device.type == "cpu":
+        # one selection for both middle positions (kthvalue would select twice)
+        middle = np.partition(flat.numpy(), [(count - 1) // 2, count // 2])
+        lo, hi = middle[(count - 1) // 2], middle[count // 2]
+        return torch.tensor((np.float64(lo) + np.float64(hi)) / 2, dtype=torch.float64)
+    return median_torch(flat)
+
+
+def median_torch(flat: torch.Tensor) -> torch.Tensor:
+    """`median` of a 1-D tensor with `torch.kthvalue` on any device (what CUDA tensors run)."""
     count = flat.numel()
     lo = torch.kthvalue(flat, (count + 1) // 2).values
     if count % 2:
@@ -243,15 +286,20 @@ def median(values: torch.Tensor) -> torch.Tensor:
 
 def median_sq_distance(x: torch.Tensor) -> torch.Tensor:
     """Exact median of the n² squared distances of the rows of `x` `(n, d)`; 0-d float64."""
-    return median(sq_distances_from_gram(centred_gram(x)))
+    return median(sq_distances_from_gram(centred_gram(x), inplace=True))
 
 
-def rbf_from_sq_distances(d2: torch.Tensor, sigma2: torch.Tensor | float) -> torch.Tensor:
-    """`exp(−D²/(2σ²))`; a zero bandwidth gives the σ → 0 limit, `1[D² = 0]`."""
+def rbf_from_sq_distances(d2: torch.Tensor, sigma2: torch.Tensor | float,
+                          inplace: bool = False) -> torch.Tensor:
+    """`exp(−D²/(2σ²))`; a zero bandwidth gives the σ → 0 limit, `1[D² = 0]`. `inplace`
+    overwrites `d2`."""
     sigma2 = torch.as_tensor(sigma2, dtype=torch.float64, device=d2.device)
-    zero = sigma2 == 0
-    k = torch.exp(-d2 / (2.0 * torch.where(zero, torch.ones_like(sigma2), sigma2)))
-    return torch.where(zero, (d2 == 0).to(d2.dtype), k)
+    # σ² = 0: the factor is −inf, D² > 0 gives exp(−inf) = 0 and D² = 0 gives NaN (0·∞), set
+    # to 1 here (a NaN distance stays NaN).
+    limit = (d2 == 0) & (sigma2 == 0)
+    k = d2 if inplace else d2.clone()
+    k.mul_(-0.5 / sigma2).exp_()
+    return k.masked_fill_(limit, 1.0)
 
 
 def rbf_gram_stats(x: torch.Tensor, y: torch.Tensor, threshold: float = 1.0,
@@ -259,4 +307,4 @@ def rbf_gram_stats(x: torch.Tensor, y: torch.Tensor, threshold: float = 1.0,
     """RBF-kernel statistics; the bandwidth is the exact median rule unless `sigmas` is given."""
     k = kernel_gram(x, "rbf", threshold, None if sigmas is None else sigmas[0])
     l = kernel_gram(y, "rbf", threshold, None if sigmas is None else sigmas[1])
-    return (k * l).sum(), _gram_stats(k), _gram_stats(l)
+    return sum_of_products(k, l), _gram_stats(k), _gram_stats(l)
