@@ -63,8 +63,8 @@ class _Centring:
     """Subtract the column means, rounded to the compute dtype, from chunks of rows.
 
     The rounded mean `m` leaves each centred row shifted by the known float64 residual
-    `c = mean − m` (about one ulp of a large offset); `residual_product` removes `n c c'ᵀ` from
-    the accumulated products, and the row norms² come out exact:
+    `c = mean − m` (about one ulp of a large offset); `_corrected_frobenius_sq` removes `n c c'ᵀ`
+    from the accumulated products, and the row norms² come out exact:
     `‖x − mean‖² = ‖x − m‖² − 2 (x − m)·c + ‖c‖²`.
     """
 
@@ -74,10 +74,15 @@ class _Centring:
         self.mean = mean.astype(_NUMPY[dtype])
         self.residual = mean - self.mean
         self.residual_sq = float(self.residual @ self.residual)
+        self.buffer = None
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows `start:stop` centred by the rounded mean, a new array in the compute dtype."""
-        return np.subtract(_rows(self.x, start, stop, self.dtype), self.mean)
+        """Rows `start:stop` centred by the rounded mean, in the compute dtype, written into one
+        buffer reused from chunk to chunk (fresh pages cost more than the subtraction)."""
+        if self.buffer is None:
+            self.buffer = np.empty((stop - start, self.mean.shape[0]), dtype=self.mean.dtype)
+        return np.subtract(_rows(self.x, start, stop, self.dtype), self.mean,
+                           out=self.buffer[:stop - start])
 
     def norms(self, centred: np.ndarray) -> np.ndarray:
         """`(rows,)` float64 norms² of the exactly centred rows; squares `centred` in place."""
@@ -118,19 +123,20 @@ def _frobenius_sq(m: np.ndarray) -> float:
     return float(_row_sums_of_squares(m).sum())
 
 
-def _corrected(product: np.ndarray, c1: np.ndarray, c2: np.ndarray, n: int) -> np.ndarray:
-    """Remove `n c1 c2ᵀ` from `Σ (x_i − m)(y_i − m')ᵀ`, in place."""
-    dtype = torch.from_numpy(product).dtype
-    torch.from_numpy(product).addr_(torch.from_numpy(c1).to(dtype), torch.from_numpy(c2).to(dtype),
-                                    alpha=-n)
-    return product
+def _corrected_frobenius_sq(product: np.ndarray, c1: np.ndarray, c2: np.ndarray, n: int) -> float:
+    """`‖P − n c1 c2ᵀ‖_F²` for `P = Σ (x_i − m)(y_i − m')ᵀ` and the float64 residuals `c1`, `c2`
+    of the rounded means, expanded as `‖P‖² − 2n c1ᵀP c2 + n²‖c1‖²‖c2‖²` (the residuals are an
+    ulp of the offset, so the correction is tiny and nothing cancels); overwrites `P`."""
+    pc2 = (product @ c2.astype(product.dtype)).astype(np.float64)
+    correction = -2.0 * n * float(c1 @ pc2) + n * n * float(c1 @ c1) * float(c2 @ c2)
+    return _frobenius_sq(product) + correction
 
 
 def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
     """Linear-kernel statistics of CPU `x` `(n, d1)` and `y` `(n, d2)` in feature space.
 
     Cost `n·(d1·d2 + (d1² + d2²)/2)` multiply-adds (the self terms through `syrk`), extra memory
-    the three products plus one chunk of centred rows of each input.
+    the three products (twice, with several chunks) plus one chunk of centred rows of each input.
 
     Returns:
         `(cross, GramStats_x, GramStats_y)`: `cross = ‖XcᵀYc‖_F²` (0-d float64 tensor),
@@ -150,12 +156,11 @@ def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
         xc, yc = centre_x.rows(start, stop), centre_y.rows(start, stop)
         products.add(xc, yc)
         a[start:stop], b[start:stop] = centre_x.norms(xc), centre_y.norms(yc)
-        del xc, yc
     rx, ry = centre_x.residual, centre_y.residual
     cxy, cxx, cyy = products.totals
-    cross = _frobenius_sq(_corrected(cxy, rx, ry, n))
-    sxx = _frobenius_sq(_corrected(cxx, rx, rx, n))
-    syy = _frobenius_sq(_corrected(cyy, ry, ry, n))
+    cross = _corrected_frobenius_sq(cxy, rx, ry, n)
+    sxx = _corrected_frobenius_sq(cxx, rx, rx, n)
+    syy = _corrected_frobenius_sq(cyy, ry, ry, n)
 
     def scalar(v):
         return torch.tensor(v, dtype=torch.float64)
@@ -173,13 +178,17 @@ def shifted_gram(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """
     n, d = x.shape
     shift = column_mean(x).astype(_NUMPY[work])
-    gram = None
     step = max(64, torch_path.CHUNK_BYTES // (n * torch.finfo(work).bits // 8))
+    buffer = np.empty((n, min(step, d)), dtype=shift.dtype)  # reused: fresh pages cost more
+    gram = part = None
     for start in range(0, d, step):
-        shifted = np.subtract(_numpy(x[:, start:start + step], work), shift[start:start + step])
-        part = shifted @ shifted.T  # one buffer: NumPy runs it as syrk
+        cols = min(step, d - start)
+        out = buffer if cols == buffer.shape[1] else np.empty((n, cols), dtype=shift.dtype)
+        shifted = np.subtract(_numpy(x[:, start:start + cols], work), shift[start:start + cols],
+                              out=out)
         if gram is None:
-            gram = part.astype(np.float64, copy=False)
-        else:
-            gram += part
+            gram = (shifted @ shifted.T).astype(np.float64, copy=False)  # one buffer: syrk
+            continue
+        part = np.matmul(shifted, shifted.T, out=part)
+        gram += part
     return torch_path.double_centre(torch.from_numpy(gram))
