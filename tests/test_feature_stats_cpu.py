@@ -89,6 +89,7 @@ def test_column_mean_is_exact_under_a_large_offset():
     # a float32 running sum of 1,001 values near 3e5 would be off by ~1e-2·spread
     assert np.all(np.abs(blas_cpu.column_mean(x) - want) <= 1e-6 * spread)
     assert np.all(np.abs(torch_path.column_mean(x).numpy() - want) <= 1e-6 * spread)
+    assert np.all(np.abs(torch_path.column_mean_torch(x).numpy() - want) <= 1e-6 * spread)
 
 
 @pytest.mark.parametrize("work", [torch.float32, torch.float64], ids=str)

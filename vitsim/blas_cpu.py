@@ -9,7 +9,8 @@ tensors), faster on the CPU for two reasons:
   of a GEMM in one call that keeps the GEMM's rate (blockwise torch GEMMs over the upper
   triangle lose that rate).
 - centred copies are NumPy arrays, whose large allocations are backed by huge pages: a copy
-  faults in far fewer pages than through torch's CPU allocator.
+  faults in far fewer pages than through torch's CPU allocator, and one buffer per input is
+  reused from chunk to chunk.
 
 Products run in float32 (float64 for float64 inputs; half inputs are upcast per chunk) with
 float32 accumulation, every large reduction is summed as float32 row partials combined in
@@ -41,8 +42,8 @@ def column_mean(x: torch.Tensor) -> np.ndarray:
     """`(d,)` float64 column means of a CPU `(n, d)` matrix.
 
     Rows are shifted by the first row (a large common offset would swamp float32 sums) one
-    `torch_path.MEAN_PARTIAL`-row block at a time into a small reused buffer, summed as float32 partials
-    and added in float64: no copy of the input is made.
+    `torch_path.MEAN_PARTIAL`-row block at a time into a small reused buffer, summed as float32
+    partials and added in float64: no copy of the input is made.
     """
     n, d = x.shape
     if x.dtype == torch.float64:

@@ -1,11 +1,14 @@
-"""The torch path: HSIC statistics on CPU or CUDA with plain torch ops (the fallback and the
+"""The torch path: HSIC statistics on CPU or CUDA without Triton (the fallback and the
 benchmark baseline).
 
 All functions take `(n, d)` matrices of any float dtype and return the cross sum `Σ K∘L` and
-the two `GramStats` (see `vitsim._stats`). Columns are centred as each chunk is loaded, products run in float32 (float64 for float64 inputs; TF32 on CUDA when
+the two `GramStats` (see `vitsim._stats`). Columns are centred as each chunk is loaded,
+products run in float32 (float64 for float64 inputs; TF32 on CUDA when
 `torch.get_float32_matmul_precision()` allows it), and every large reduction is accumulated in
 float64. Inputs are processed in chunks of rows (feature space) or columns (Gram space), so the
-extra memory stays a fraction of the inputs'.
+extra memory stays a fraction of the inputs'. On CPU tensors the column means and the Gram
+matrices go through NumPy's BLAS (`vitsim.blas_cpu`, which also holds the CPU feature-space
+statistics); the `*_torch` functions are the torch-only versions CUDA tensors run.
 """
 
 from __future__ import annotations
