@@ -20,11 +20,25 @@ float64. The BLAS threads are NumPy's (OpenBLAS: `OPENBLAS_NUM_THREADS`), not
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from ._stats import GramStats
 from . import torch_path
+
+
+def quiet(fn):
+    """Run `fn` without NumPy's floating-point warnings: a NaN/Inf input or an overflow shows in
+    the result, which the callers check (SPEC §7) and report as one clear error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _numpy(block: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -38,6 +52,7 @@ def _rows(x: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> np.ndar
     return _numpy(x[start:stop], dtype)
 
 
+@quiet
 def column_mean(x: torch.Tensor) -> np.ndarray:
     """`(d,)` float64 column means of a CPU `(n, d)` matrix.
 
@@ -133,6 +148,7 @@ def _corrected_frobenius_sq(product: np.ndarray, c1: np.ndarray, c2: np.ndarray,
     return _frobenius_sq(product) + correction
 
 
+@quiet
 def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
     """Linear-kernel statistics of CPU `x` `(n, d1)` and `y` `(n, d2)` in feature space.
 
@@ -170,6 +186,7 @@ def linear_feature_stats(x: torch.Tensor, y: torch.Tensor):
             GramStats(n, None, torch.from_numpy(b), scalar(syy)))
 
 
+@quiet
 def shifted_gram(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """`(n, n)` float64 `Xc Xcᵀ` of a CPU `(n, d)` input, products in `work` (float32/float64).
 

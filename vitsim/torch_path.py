@@ -238,7 +238,8 @@ def sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`Σ a∘b` of two float64 `(n, n)` matrices as a 0-d tensor, without an n×n temporary on
     the CPU (float64 row sums, then their sum)."""
     if a.device.type == "cpu":
-        rows = np.einsum("ij,ij->i", a.numpy(), b.numpy())
+        with np.errstate(all="ignore"):  # a non-finite result is checked by the caller
+            rows = np.einsum("ij,ij->i", a.numpy(), b.numpy())
         return torch.tensor(rows.sum(), dtype=torch.float64)
     return (a * b).sum()
 
