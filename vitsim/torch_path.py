@@ -237,7 +237,7 @@ def kernel_gram(x: torch.Tensor, kernel: str, threshold: float,
 def sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`Σ a∘b` of two float64 `(n, n)` matrices as a 0-d tensor, without an n×n temporary on
     the CPU (float64 row sums, then their sum)."""
-    if a.device.type == "cpu":
+    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float64:
         with np.errstate(all="ignore"):  # a non-finite result is checked by the caller
             rows = np.einsum("ij,ij->i", a.numpy(), b.numpy())
         return torch.tensor(rows.sum(), dtype=torch.float64)
@@ -270,7 +270,7 @@ def median(values: torch.Tensor) -> torch.Tensor:
     0-d float64 on `values`' device."""
     flat = values.reshape(-1)
     count = flat.numel()
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         # one selection for both middle positions (kthvalue would select twice)
         middle = np.partition(flat.numpy(), [(count - 1) // 2, count // 2])
         lo, hi = middle[(count - 1) // 2], middle[count // 2]
