@@ -127,6 +127,18 @@ def related_pair(case: Case, offset: float = 0.0):
 # --- worker: one (case, package) measurement in a fresh process -----------------------------
 
 
+def write_case(work: Path, case: Case, offset: float = 0.0):
+    """Generate the case's inputs into `work/<case>/` (`x.npy`, `y.npy`, `case.json`), where the
+    workers load them; returns `(case_dir, x, y)`."""
+    case_dir = work / case.name
+    case_dir.mkdir(parents=True, exist_ok=True)
+    x, y = related_pair(case, offset)
+    np.save(case_dir / "x.npy", x)
+    np.save(case_dir / "y.npy", y)
+    (case_dir / "case.json").write_text(json.dumps(asdict(case)))
+    return case_dir, x, y
+
+
 def _proc_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -736,12 +748,7 @@ def compare(args) -> None:
         report["command"] = old["command"] + " ; then " + report["command"]
     for case in cases:
         print(f"== {case.label()}", flush=True)
-        case_dir = work / case.name
-        case_dir.mkdir(parents=True, exist_ok=True)
-        x, y = related_pair(case, args.offset)
-        np.save(case_dir / "x.npy", x)
-        np.save(case_dir / "y.npy", y)
-        (case_dir / "case.json").write_text(json.dumps(asdict(case)))
+        case_dir, x, y = write_case(work, case, args.offset)
         ref, ref_s = _cached_reference(case, x, y, cache, args.offset)
         del x, y
         print(f"   reference {ref:.12f} ({ref_s:.1f} s)", flush=True)
@@ -801,13 +808,8 @@ def scan_largest_n(args, names, python, work: Path) -> dict:
         while n <= args.scan_max_n:
             case = Case(f"scan-{n}", n, args.scan_d, args.scan_d, "linear", True)
             case_dir = work / case.name
-            case_dir.mkdir(parents=True, exist_ok=True)
             if not (case_dir / "x.npy").exists():
-                x, y = related_pair(case)
-                np.save(case_dir / "x.npy", x)
-                np.save(case_dir / "y.npy", y)
-                del x, y
-                (case_dir / "case.json").write_text(json.dumps(asdict(case)))
+                write_case(work, case)
             rec = run_worker(name, case_dir, scan_args, python)
             if rec["status"] != "ok":
                 failure = f"n={n:,}: {rec['status']} {rec.get('message', '')[:60]}"
@@ -842,13 +844,7 @@ def interleave_report(args) -> None:
           "GEMM floor, syrk (CPU): the same products through NumPy's BLAS, where `aᵀ @ a` runs "
           "as one syrk.", ""]
     for case in cases:
-        case_dir = work / case.name
-        case_dir.mkdir(parents=True, exist_ok=True)
-        x, y = related_pair(case, args.offset)
-        np.save(case_dir / "x.npy", x)
-        np.save(case_dir / "y.npy", y)
-        (case_dir / "case.json").write_text(json.dumps(asdict(case)))
-        del x, y
+        case_dir, _, _ = write_case(work, case, args.offset)
         cmd = [python, str(Path(__file__).resolve()), "--interleave-worker", "--interleave",
                ",".join(names), "--data-dir", str(case_dir), "--device", args.device,
                "--rounds", str(args.rounds), "--block", str(args.block)]
