@@ -1005,10 +1005,10 @@ def bad_inputs_report(args) -> None:
         else:
             cells = [_cell(rec["results"][l]) for l in labels]
         md.append(f"| {rec['peer']} | {rec['estimator']} | " + " | ".join(cells) + " |")
-    md += ["", "For vitsim, n = 2 is valid for the biased estimator (SPEC §3: n ≥ 2; CKA of two "
+    md += ["", "For vitsim, n = 2 is valid for the biased estimator (conventions §3: n ≥ 2; CKA of two "
            "distinct points is exactly 1), and constant features give NaN with a RuntimeWarning "
-           "naming the input, as SPEC §3 prescribes; every other bad input is an error naming the "
-           "argument (SPEC §7). A number for integer input can be the right CKA of those integers "
+           "naming the input, as conventions §3 prescribes; every other bad input is an error naming the "
+           "argument (conventions §7). A number for integer input can be the right CKA of those integers "
            "(the package casts them); vitsim refuses non-float dtypes by design.",
            "", "Messages:", ""]
     for rec in rows:

@@ -65,5 +65,5 @@ def test_pairwise_loop_12x12(benchmark, layers):
         benchmark.extra_info["speedup_of_cka_matrix"] = ratio
         print(f"\ncka_matrix {_times['matrix']:.2f} s, pairwise loop {_times['pairwise']:.2f} s: "
               f"cka_matrix is {ratio:.1f}x faster")
-        # Same numbers both ways (float32, SPEC §8).
+        # Same numbers both ways (float32, conventions §8).
         assert np.abs(_results["matrix"] - pairwise).max() <= 1e-5

@@ -48,7 +48,7 @@ def test_workload(benchmark, workload, ceilings):
     if workload.reference is not None and value is not None:
         info["reference"] = float(workload.reference(inputs))
         info["abs_error"] = abs(value - info["reference"])
-        # A wrong workload definition shows up as a gross error; the SPEC §8 tolerances are
+        # A wrong workload definition shows up as a gross error; the conventions §8 tolerances are
         # checked by the kernel tests in tests/.
         assert info["abs_error"] < 1e-2
     benchmark.extra_info.update({k: v for k, v in info.items() if v is not None})

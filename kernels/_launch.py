@@ -42,7 +42,7 @@ def strided_operand(x: torch.Tensor) -> torch.Tensor:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision for float32 operands (SPEC §3); ignored for half types.
+    """`tl.dot` input precision for float32 operands (conventions §3); ignored for half types.
 
     "highest" → "tf32x3" (float32 accuracy from three TF32 products); "high"/"medium" → "tf32".
     """
@@ -63,7 +63,7 @@ def operand_meta(*tensors: torch.Tensor) -> dict:
     `vitsim.kernels.centring`; this also keeps the interpreter away from its bfloat16 `tl.dot`,
     which multiplies raw bits), split into hi + lo for fewer than `SPLIT_BELOW` examples.
     Otherwise (float32, or a float32/half mix, no copy needed since
-    tiles are converted as they load): float32 operands at the precision SPEC §3 asks for.
+    tiles are converted as they load): float32 operands at the precision conventions §3 asks for.
     """
     import triton.language as tl
 

@@ -1,4 +1,4 @@
-"""Attention distance (SPEC §5): one read of the attention maps, or an online softmax of q, k.
+"""Attention distance (conventions §5): one read of the attention maps, or an online softmax of q, k.
 
 Both kernels write one value per spatial query, `Σ_{k spatial} A[q, k] · ‖Δ(q, k)‖` with `Δ`
 the grid offset in patches (the caller multiplies by the patch size), and the maps kernel also the

@@ -1,6 +1,6 @@
 """Column statistics and operand scaling shared by the HSIC kernels.
 
-Every HSIC kernel subtracts the column means as it loads a tile (SPEC §3: a large common offset
+Every HSIC kernel subtracts the column means as it loads a tile (conventions §3: a large common offset
 must never reach a product) and rounds the centred tile to the `tl.dot` operand dtype. For
 float16/bfloat16 inputs that operand is float16 scaled by a power of two (`scale`, chosen so
 the largest centred magnitude lies in [2¹³, 2¹⁴)): the products run at the same tensor-core

@@ -1,4 +1,4 @@
-"""Linear HSIC statistics in feature space: ‖XcᵀYc‖², ‖XcᵀXc‖², ‖YcᵀYc‖² (SPEC §3).
+"""Linear HSIC statistics in feature space: ‖XcᵀYc‖², ‖XcᵀXc‖², ‖YcᵀYc‖² (conventions §3).
 
 Cost `n·(d1·d2 + (d1² + d2²)/2)` multiply-adds, and no d×d matrix is ever written: each program
 owns one tile of one of the three covariance products, accumulates it over all n rows in

@@ -1,4 +1,4 @@
-"""HSIC statistics in Gram space, linear and RBF kernels, for n ≪ d (SPEC §2-3).
+"""HSIC statistics in Gram space, linear and RBF kernels, for n ≪ d (conventions §2-3).
 
 One fused pass over the upper-triangular tiles of the n×n Gram pair: each program computes its
 tile of K (a loop over d1) and of L (a loop over d2) from column-centred rows (half-precision

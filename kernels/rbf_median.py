@@ -1,4 +1,4 @@
-"""Exact median of the n² squared distances (the RBF bandwidth rule of SPEC §2), never formed.
+"""Exact median of the n² squared distances (the RBF bandwidth rule of conventions §2), never formed.
 
 The values are the float32 `D²_ij` of `hsic_gram.sq_distance_tile`, i.e. exactly the distances
 the RBF statistics use. Non-negative floats order like their bit patterns, so the median is a

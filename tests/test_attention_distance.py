@@ -1,4 +1,4 @@
-"""Attention distance (SPEC §5, §7): closed forms, every path against the float64 reference,
+"""Attention distance (conventions §5, §7): closed forms, every path against the float64 reference,
 q/k against the softmax of q kᵀ, and the error table."""
 
 import math
@@ -11,7 +11,7 @@ from conftest import KERNEL_DEVICES
 import vitsim
 from vitsim import reference
 
-# SPEC §8, relative to the float64 reference computed from the same rounded inputs: float64
+# conventions §8, relative to the float64 reference computed from the same rounded inputs: float64
 # paths 1e-10; float32 1e-5; float16/bfloat16 inputs (accumulated in float32) 1e-3.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 # reduction="none" returns float32: its rounding (6e-8 relative) bounds the float64 paths.
@@ -265,7 +265,7 @@ def test_qk_kernel_memory_is_linear_in_n():
     assert torch.cuda.max_memory_allocated() - before < 64 * b * h * n + (1 << 16)
 
 
-# --- errors (SPEC §7) ---------------------------------------------------------------------
+# --- errors (conventions §7) ---------------------------------------------------------------------
 
 
 def test_token_count_must_match_grid():

@@ -56,7 +56,7 @@ def test_smoke_report_runs_every_workload(tmp_path):
         assert row["status"] == "ok", (row["name"], row["status"])
         assert row["seconds"] > 0
         assert row["name"] in proc.stdout
-        # A wrong workload definition shows up as a gross error; the SPEC §8 tolerances are
+        # A wrong workload definition shows up as a gross error; the conventions §8 tolerances are
         # checked by the kernel tests.
         if "error" in row:
             assert row["error"] < 1e-2, (row["name"], row["error"])

@@ -14,10 +14,10 @@ from _data import to_numpy  # noqa: E402
 
 # Attention distance of the hooked q/k (online softmax, float32 inputs) vs the float64 reference
 # on timm's explicitly computed float32 attention maps: both see float32-rounded values, so they
-# agree to float32 accuracy (relative 1e-5, SPEC §8's float32 tolerance).
+# agree to float32 accuracy (relative 1e-5, conventions §8's float32 tolerance).
 DIST_RTOL = 1e-5
 # Ratio of norms from norms taken inside the hooks (float32) vs the float64 reference on the
-# same float32 tensors: relative 1e-5 (SPEC §8, float32).
+# same float32 tensors: relative 1e-5 (conventions §8, float32).
 RATIO_RTOL = 1e-5
 
 # (name, timm kwargs, image side, prefix tokens, grid, patch size)

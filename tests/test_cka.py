@@ -1,4 +1,4 @@
-"""`vitsim.cka` / `vitsim.hsic` on the torch path against the float64 reference (SPEC §3, §8)."""
+"""`vitsim.cka` / `vitsim.hsic` on the torch path against the float64 reference (conventions §3, §8)."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import vitsim
 from vitsim import _dispatch, reference
 from _data import related_pair, rng, to_numpy
 
-# SPEC §8, absolute error in CKA against the float64 reference computed on the same rounded
+# conventions §8, absolute error in CKA against the float64 reference computed on the same rounded
 # inputs. The CPU torch path runs float32 products at full precision and upcasts half inputs
 # to float32, so every non-float64 dtype is held to the float32 bound.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
@@ -130,7 +130,7 @@ def test_space_choice_follows_cost():
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
 def test_large_common_offset_float32(kernel, unbiased):
-    # SPEC §3: post-ReLU-like offset of 1e4; uncentred float32 Gram matrices lose every digit.
+    # conventions §3: post-ReLU-like offset of 1e4; uncentred float32 Gram matrices lose every digit.
     x, y = related_pair(300, 40, 20, torch.float32, seed=7, offset=1e4)
     want = reference.cka(to_numpy(x), to_numpy(y), kernel=kernel, unbiased=unbiased)
     got = vitsim.cka(x, y, kernel=kernel, unbiased=unbiased).item()

@@ -1,4 +1,4 @@
-"""`vitsim.cka_matrix` against the float64 reference, pair by pair (SPEC §3, §7, §8)."""
+"""`vitsim.cka_matrix` against the float64 reference, pair by pair (conventions §3, §7, §8)."""
 
 import importlib
 
@@ -13,10 +13,10 @@ from _data import related_pair, to_numpy
 # `vitsim.cka_matrix` is the function; the module is reached through sys.modules.
 cm = importlib.import_module("vitsim.cka_matrix")
 
-# SPEC §8, absolute error in CKA against the float64 reference on the same rounded inputs. On
+# conventions §8, absolute error in CKA against the float64 reference on the same rounded inputs. On
 # CPU the torch path multiplies float32 at full precision and upcasts half inputs to float32.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}
-# The CUDA half-precision route rounds the shifted copy to the input dtype: SPEC's 1e-3.
+# The CUDA half-precision route rounds the shifted copy to the input dtype: the 1e-3 of conventions §8.
 HALF_TOL = 1e-3
 
 
@@ -60,7 +60,7 @@ def test_both_linear_spaces_match_reference(space, unbiased, self_mode):
     blocks = cm.hsic_blocks(xs, ys, "linear", unbiased, space=space)
     got = cm.cka_from_blocks(*blocks).numpy()
     want = _want(xs, xs if ys is None else ys, unbiased=unbiased)
-    assert np.abs(got - want).max() <= 1e-10  # float64, SPEC §8
+    assert np.abs(got - want).max() <= 1e-10  # float64, conventions §8
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
@@ -72,7 +72,7 @@ def test_self_matrix_symmetric_with_unit_diagonal(kernel, unbiased):
     ones = torch.ones(4, dtype=torch.float64)
     assert torch.allclose(torch.diagonal(got), ones, atol=1e-12, rtol=0)
     want = _want(xs, xs, kernel=kernel, unbiased=unbiased)
-    assert np.abs(got.numpy() - want).max() <= 1e-5  # float32, SPEC §8
+    assert np.abs(got.numpy() - want).max() <= 1e-5  # float32, conventions §8
 
 
 def test_multidimensional_numpy_and_torch_inputs():
@@ -84,7 +84,7 @@ def test_multidimensional_numpy_and_torch_inputs():
     assert isinstance(got, np.ndarray) and got.dtype == np.float64
     want = _want([torch.from_numpy(x4), torch.from_numpy(x3)],
                  [torch.from_numpy(y2), torch.from_numpy(x3)], unbiased=True)
-    assert np.abs(got - want).max() <= 1e-10  # float64, SPEC §8
+    assert np.abs(got - want).max() <= 1e-10  # float64, conventions §8
     mixed = vitsim.cka_matrix([torch.from_numpy(x4), x3], [y2])
     assert isinstance(mixed, torch.Tensor) and mixed.shape == (2, 1)
 
@@ -94,7 +94,7 @@ def test_reference_backend_agrees():
     ys = _layers(19, (3,), seed=9)
     got = vitsim.cka_matrix(xs, ys, kernel="rbf", unbiased=True)
     ref = vitsim.cka_matrix(xs, ys, kernel="rbf", unbiased=True, backend="reference")
-    assert torch.allclose(got, ref, atol=1e-10, rtol=0)  # float64, SPEC §8
+    assert torch.allclose(got, ref, atol=1e-10, rtol=0)  # float64, conventions §8
 
 
 def test_same_bits_on_repeat():
@@ -112,7 +112,7 @@ def test_large_common_offset_float32(unbiased):
     ys = _layers(50, (4, 90), torch.float32, seed=12, offset=1e4)
     got = vitsim.cka_matrix(xs, ys, unbiased=unbiased)
     want = _want(xs, ys, unbiased=unbiased)
-    assert np.abs(got.numpy() - want).max() <= 1e-5  # float32, SPEC §8
+    assert np.abs(got.numpy() - want).max() <= 1e-5  # float32, conventions §8
 
 
 @pytest.mark.parametrize("case", ["plain", "offset", "outlier"])
@@ -131,7 +131,7 @@ def test_half_precision_gram_route(case, unbiased):
     tk, tl = (cm.transform_gram_(g.clone(), unbiased).reshape(-1) for g in (k, l))
     got = (tk @ tl / torch.sqrt((tk @ tk) * (tl @ tl))).item()
     want = reference.cka(to_numpy(x), to_numpy(y), unbiased=unbiased)
-    assert abs(got - want) <= HALF_TOL  # bfloat16, SPEC §8
+    assert abs(got - want) <= HALF_TOL  # bfloat16, conventions §8
 
 
 def test_space_choice_by_cost():
@@ -150,7 +150,7 @@ def test_constant_layer_is_nan_with_warning_naming_it():
     assert not torch.isnan(got[:2, :2]).any()
 
 
-# --- errors (SPEC §7): type and a message naming the argument and the layer -----------------
+# --- errors (conventions §7): type and a message naming the argument and the layer -----------------
 
 
 def test_mismatched_n_names_the_layer():

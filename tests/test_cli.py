@@ -137,7 +137,7 @@ def test_biased_fine_run_with_checkpoint_has_unit_diagonal(images, tmp_path, cap
     assert a["model_kwargs"]["num_classes"] == 10 and a["checkpoint"] == str(ckpt)
     for key in ("a_a", "b_b"):
         m = _matrix(results["cka"][key])
-        # Biased CKA of a layer with itself is 1 up to float32 rounding of the activations (SPEC §8).
+        # Biased CKA of a layer with itself is 1 up to float32 rounding of the activations (conventions §8).
         np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-5)
         assert np.all(m >= -1e-9) and np.all(m <= 1 + 1e-9)
     assert results["data"]["batches"] == [6]  # 8 images: one batch, the 2 left over are dropped

@@ -1,4 +1,4 @@
-"""Every row of SPEC §7 that applies to `cka`/`hsic`: the exception type and a message naming
+"""Every row of conventions §7 that applies to `cka`/`hsic`: the exception type and a message naming
 the argument."""
 
 import warnings

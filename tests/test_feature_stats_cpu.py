@@ -16,7 +16,7 @@ IMPLEMENTATIONS = {"blas_cpu": blas_cpu.linear_feature_stats,
 # Error of each HSIC term (cross, x self, y self; both estimators) against the float64 reference
 # on the same rounded values, relative to the term's natural size: the biased self terms bx, by
 # for the self terms and sqrt(bx·by) for the cross term (the unbiased estimator at small n is a
-# near-cancellation of terms of that size, so its own value is no scale) (SPEC §8): float64 products 1e-10; float32 products with
+# near-cancellation of terms of that size, so its own value is no scale) (conventions §8): float64 products 1e-10; float32 products with
 # float32 accumulation 1e-5 (half inputs are upcast to float32 first, so the same bound).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 

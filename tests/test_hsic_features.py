@@ -14,11 +14,11 @@ from vitsim.kernels import _launch, hsic_features
 from _data import related_pair, to_numpy
 from conftest import KERNEL_DEVICES
 
-# SPEC §8, absolute error in CKA against the float64 reference on the same rounded inputs:
+# conventions §8, absolute error in CKA against the float64 reference on the same rounded inputs:
 # float32 at "highest" precision (tf32x3 on the GPU, exact float32 products under the
 # interpreter) 1e-5; float16/bfloat16 inputs (float16 products, float32 accumulation) 1e-3.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
-# SPEC §8: TF32 products ("high" precision) 2e-3.
+# conventions §8: TF32 products ("high" precision) 2e-3.
 TOL_TF32 = 2e-3
 
 SHAPES = [(4, 1, 17), (33, 17, 200), (130, 200, 1)]
@@ -116,7 +116,7 @@ def test_bitwise_deterministic(dtype, kernel_device):
 @pytest.mark.parametrize("dtype,offset", [(torch.float32, 1e3), (torch.bfloat16, 100.0),
                                           (torch.float16, 100.0)], ids=str)
 def test_large_offset(dtype, offset, kernel_device):
-    """SPEC §3: centring before the products keeps every digit under a large common offset."""
+    """conventions §3: centring before the products keeps every digit under a large common offset."""
     x, y = related_pair(130, 17, 5, dtype, seed=9, device=kernel_device, offset=offset)
     _check_cka(hsic_features.feature_stats(x, y), x, y, TOL[dtype])
 
@@ -140,7 +140,7 @@ def test_mixed_dtypes_and_float64(kernel_device):
     # a half/float32 pair multiplies float32 operands (no copy): the float32 bound applies
     xb = x.to(torch.bfloat16)
     _check_cka(hsic_features.feature_stats(xb, y), xb, y, TOL[torch.float32])
-    # float64 runs the torch path inside the launcher (SPEC §8: 1e-10)
+    # float64 runs the torch path inside the launcher (conventions §8: 1e-10)
     x64, y64 = x.double(), y.double()
     _check_cka(hsic_features.feature_stats(x64, y64), x64, y64, 1e-10)
 

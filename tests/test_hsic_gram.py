@@ -14,7 +14,7 @@ from vitsim.kernels import _launch, hsic_gram, rbf_median
 from _data import related_pair, to_numpy
 from conftest import KERNEL_DEVICES
 
-# SPEC §8, absolute error in CKA against the float64 reference on the same rounded inputs:
+# conventions §8, absolute error in CKA against the float64 reference on the same rounded inputs:
 # float32 at "highest" precision 1e-5; float16/bfloat16 inputs (float16 products, float32
 # accumulation) 1e-3; float64 (torch path inside the launcher) 1e-10.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -159,7 +159,7 @@ def test_bitwise_deterministic(kernel, kernel_device):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype,offset", [(torch.float32, 1e3), (torch.bfloat16, 100.0)], ids=str)
 def test_large_offset(dtype, offset, kernel_device):
-    """SPEC §3: centring as the tiles load keeps every digit under a large common offset."""
+    """conventions §3: centring as the tiles load keeps every digit under a large common offset."""
     x, y = related_pair(33, 40, 17, dtype, seed=31, device=kernel_device, offset=offset)
     _check_cka(hsic_gram.gram_stats(x, y), x, y, TOL[dtype])
 

@@ -1,4 +1,4 @@
-"""Ratio of norms across skip connections (SPEC §6) against `vitsim.reference`."""
+"""Ratio of norms across skip connections (conventions §6) against `vitsim.reference`."""
 
 import math
 
@@ -11,7 +11,7 @@ from vitsim import reference
 
 from _data import to_numpy
 
-# SPEC §8: float64 to 1e-10; float32 inputs (norms accumulated in float32) to 1e-5 relative;
+# conventions §8: float64 to 1e-10; float32 inputs (norms accumulated in float32) to 1e-5 relative;
 # float16/bfloat16 inputs (accumulated in float32) to 1e-3 relative, against the reference on the
 # already rounded values.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}

@@ -16,7 +16,7 @@ from conftest import KERNEL_DEVICES
 
 # Relative error of the median against the float64 reference on the same rounded inputs:
 # float32 distances from float32 Gram tiles ~1e-6 (1e-5 allowed); float16 operands round each
-# centred value to 11 bits (2e-3 allowed, below the 1e-3-in-CKA budget of SPEC §8).
+# centred value to 11 bits (2e-3 allowed, below the 1e-3-in-CKA budget of conventions §8).
 REL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 PLANS = list(rbf_median.PLANS)
 

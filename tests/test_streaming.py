@@ -1,4 +1,4 @@
-"""`MinibatchCKA` and `StreamingCKA` against the float64 reference (SPEC §4, §7, §8): values,
+"""`MinibatchCKA` and `StreamingCKA` against the float64 reference (conventions §4, §7, §8): values,
 resume, merge, two-process sync over gloo, large offsets, determinism and every error case."""
 
 import numpy as np
@@ -11,7 +11,7 @@ import vitsim
 from vitsim import reference
 from _data import related_pair, to_numpy
 
-# SPEC §8: absolute CKA error against the float64 reference on the same rounded inputs. The CPU
+# conventions §8: absolute CKA error against the float64 reference on the same rounded inputs. The CPU
 # torch path multiplies float32 at full precision (half inputs upcast to float32).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}
 
@@ -78,11 +78,11 @@ def test_minibatch_self_mode_numpy_batches(kernel):
     got = m.compute()
     assert got.shape == (3, 3) and torch.equal(got, got.T)
     want = _want_minibatch(batches, batches, kernel=kernel)
-    assert np.abs(got.numpy() - want).max() <= 1e-10  # float64, SPEC §8
+    assert np.abs(got.numpy() - want).max() <= 1e-10  # float64, conventions §8
 
 
 def test_minibatch_large_common_offset_float32():
-    # 1e4 offset in float32: each batch's Gram is centred before the products (SPEC §3).
+    # 1e4 offset in float32: each batch's Gram is centred before the products (conventions §3).
     xs = _network(64, (9, 150), torch.float32, seed=4, offset=1e4)
     ys = _network(64, (4,), torch.float32, seed=5, offset=1e4)
     xb, yb = _batches(xs, 16), _batches(ys, 16)
@@ -90,7 +90,7 @@ def test_minibatch_large_common_offset_float32():
     for bx, by in zip(xb, yb):
         m.update(bx, by)
     want = _want_minibatch(xb, yb)
-    assert np.abs(m.compute().numpy() - want).max() <= 1e-5  # float32, SPEC §8
+    assert np.abs(m.compute().numpy() - want).max() <= 1e-5  # float32, conventions §8
 
 
 def _run(batches_x, batches_y, cls_args=(2, 3)):
@@ -216,7 +216,7 @@ def test_streaming_multidimensional_numpy_inputs():
     for i in range(0, 40, 15):
         s.update(x[i:i + 15], y[i:i + 15])
     want = reference.cka(x, y, unbiased=True)
-    assert abs(s.compute().item() - want) <= 1e-10  # float64, SPEC §8
+    assert abs(s.compute().item() - want) <= 1e-10  # float64, conventions §8
 
 
 @pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
@@ -224,7 +224,7 @@ def test_streaming_large_common_offset_float32(unbiased):
     x, y = related_pair(200, 30, 12, torch.float32, seed=2, offset=1e4)
     got = _stream(x, y, (64, 64, 72), unbiased).compute()
     want = reference.cka(to_numpy(x), to_numpy(y), unbiased=unbiased)
-    assert abs(got.item() - want) <= 1e-5  # float32, SPEC §8
+    assert abs(got.item() - want) <= 1e-5  # float32, conventions §8
 
 
 @pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
@@ -245,7 +245,7 @@ def test_streaming_same_bits_resume_and_merge(unbiased, tmp_path):
     merged = _stream(x[:70], y[:70], (70,), unbiased)
     merged.merge(_stream(x[70:], y[70:], (80,), unbiased))
     want = reference.cka(to_numpy(x), to_numpy(y), unbiased=unbiased)
-    assert abs(merged.compute().item() - want) <= 1e-5  # float32, SPEC §8
+    assert abs(merged.compute().item() - want) <= 1e-5  # float32, conventions §8
     assert merged.num_examples == 150
 
 

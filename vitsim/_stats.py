@@ -4,7 +4,7 @@ Every backend (torch path, Triton kernels, streaming accumulators, `cka_matrix`)
 inputs to these few float64 numbers; the estimators below turn them into HSIC and CKA. Keeping
 the formulas in one place is what makes all paths agree.
 
-For Gram matrices K, L of n examples (both estimators of SPEC §3):
+For Gram matrices K, L of n examples (both estimators of conventions §3):
     kl = Σ K∘L,  r_K = K1 (row sums),  d_K = diag(K)
     biased:   tr(KHLH) = kl − (2/n) r_K·r_L + (1ᵀr_K)(1ᵀr_L)/n²
     unbiased: with u_K = K̃1 = r_K − d_K,
@@ -30,12 +30,18 @@ class GramStats:
         rows: `(n,)` row sums `K1`, or None when they are zero (centred linear kernel).
         diag: `(n,)` diagonal of K.
         self_sum: 0-d `Σ K∘K`.
+        scale: the statistics are those of the Gram matrix of `scale · X` (linear kernel: they
+            are `scale²` times K's); a power of two that the routes multiply inputs by so that
+            no square under- or overflows (conventions §3, "Scale"). 1 for RBF kernels, whose
+            values do not depend on it. CKA comes out of the scaled statistics unchanged;
+            `hsic_unscaled` divides the scales out of an HSIC value.
     """
 
     n: int
     rows: torch.Tensor | None
     diag: torch.Tensor
     self_sum: torch.Tensor
+    scale: torch.Tensor | float = 1.0
 
 
 def _dot(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | float:
@@ -51,7 +57,7 @@ def _total(a: torch.Tensor | None) -> torch.Tensor | float:
 def hsic_from_stats(cross: torch.Tensor, k: GramStats, l: GramStats, unbiased: bool) -> torch.Tensor:
     """HSIC of the pair (K, L) from `cross = Σ K∘L` and each matrix's `GramStats`.
 
-    Returns a 0-d float64 tensor. Normalisation as SPEC §3: `(n−1)²` (biased), `n(n−3)` (unbiased).
+    Returns a 0-d float64 tensor. Normalisation as conventions §3: `(n−1)²` (biased), `n(n−3)` (unbiased).
     """
     n = k.n
     if not unbiased:
@@ -71,6 +77,16 @@ def hsic_triple(cross, k: GramStats, l: GramStats, unbiased: bool):
         hsic_from_stats(k.self_sum, k, k, unbiased),
         hsic_from_stats(l.self_sum, l, l, unbiased),
     )
+
+
+def hsic_unscaled(value: torch.Tensor, k: GramStats, l: GramStats) -> torch.Tensor:
+    """HSIC of the unscaled pair from `value`, the HSIC of the scaled statistics `k`, `l`
+    (exact: the scales are powers of two). May under- or overflow float64 where the true HSIC
+    does; CKA never needs this."""
+    factor = k.scale * l.scale
+    if isinstance(factor, float) and factor == 1.0:
+        return value
+    return value / (torch.as_tensor(factor, dtype=torch.float64, device=value.device) ** 2)
 
 
 def self_term_floor(k: GramStats) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Input checks shared by every public entry point (the error table of SPEC §7).
+"""Input checks shared by every public entry point (the error table of conventions §7).
 
 Each check raises with a message that names the offending argument, so a user never gets a
 silent wrong number. Checks that would need a pass over the data (NaN/Inf) are done lazily:

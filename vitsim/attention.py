@@ -1,5 +1,5 @@
 """`vitsim.attention_distance` and `vitsim.attention_distance_qk`: validate, dispatch, return
-(SPEC §5, §7)."""
+(conventions §5, §7)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _finish(dist: torch.Tensor, patch_size: float, reduction: str, numpy_out: bo
 
 def attention_distance(attn, *, patch_size=16, grid=None, num_prefix_tokens=1, reduction="mean",
                        check=True, backend="auto"):
-    """Mean attention distance per head, in pixels (Dosovitskiy et al. 2021; SPEC §5).
+    """Mean attention distance per head, in pixels (Dosovitskiy et al. 2021; conventions §5).
 
     For spatial query q, `dist = Σ_{k spatial} A[b, h, q, k] · ‖pos_q − pos_k‖₂` with
     `pos = patch_size · (row, col)`; prefix keys are dropped without renormalising.
@@ -139,7 +139,7 @@ def attention_distance(attn, *, patch_size=16, grid=None, num_prefix_tokens=1, r
 
 def attention_distance_qk(q, k, *, scale=None, patch_size=16, grid=None, num_prefix_tokens=1,
                           reduction="mean", backend="auto"):
-    """Attention distance of `softmax(q kᵀ · scale)` without forming the N×N matrix (SPEC §5).
+    """Attention distance of `softmax(q kᵀ · scale)` without forming the N×N matrix (conventions §5).
 
     The softmax runs over all N keys (prefix keys included in the normaliser); the distance sum
     runs over spatial keys only, as in :func:`attention_distance`. The Triton path is an online

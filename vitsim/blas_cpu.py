@@ -31,7 +31,7 @@ from . import torch_path
 
 def quiet(fn):
     """Run `fn` without NumPy's floating-point warnings: a NaN/Inf input or an overflow shows in
-    the result, which the callers check (SPEC §7) and report as one clear error."""
+    the result, which the callers check (conventions §7) and report as one clear error."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -9,7 +9,7 @@ it removes every one of them. During each forward pass it records
   computes them (the outputs of `q_norm`/`k_norm`, which are `nn.Identity` unless the model uses
   QK normalisation), so the attention matrix is never formed;
 - `norms`: per-token (ViT) or per-example (ResNet) L2 norms of `z` and `f(z)` of every residual
-  sub-block `z ↦ z + f(z)` (SPEC §6), taken right before the add.
+  sub-block `z ↦ z + f(z)` (conventions §6), taken right before the add.
 
 Supported models (`describe` decides):
 

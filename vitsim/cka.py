@@ -1,4 +1,4 @@
-"""`vitsim.hsic` and `vitsim.cka`: validate, dispatch, return (SPEC §1-3, §7)."""
+"""`vitsim.hsic` and `vitsim.cka`: validate, dispatch, return (conventions §1-3, §7)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import _dispatch, reference
-from ._stats import cka_from_stats, hsic_triple
+from ._stats import cka_from_stats, hsic_triple, hsic_unscaled
 from ._validate import (
     BACKENDS,
     KERNELS,
@@ -85,12 +85,12 @@ def _similarity(what, x, y, kernel, unbiased, threshold, sigma, backend):
     check_finite_result(terms, {"x": x2, "y": y2},
                         "the result overflowed: rescale x and y (or pass float32 inputs)")
     if what == "hsic":
-        return finish(terms[0], numpy_out)
+        return finish(hsic_unscaled(terms[0], k, l), numpy_out)
     return finish(cka_from_stats(cross, k, l, unbiased), numpy_out)
 
 
 def hsic(x, y, *, kernel="linear", unbiased=False, threshold=1.0, sigma=None, backend="auto"):
-    """Hilbert-Schmidt independence criterion between two activation sets (SPEC §3).
+    """Hilbert-Schmidt independence criterion between two activation sets (conventions §3).
 
     Args:
         x: `(n, ...)` activations; trailing axes are flattened in C order. torch.Tensor (CPU or
@@ -113,7 +113,7 @@ def hsic(x, y, *, kernel="linear", unbiased=False, threshold=1.0, sigma=None, ba
 
 
 def cka(x, y, *, kernel="linear", unbiased=False, threshold=1.0, sigma=None, backend="auto"):
-    """Centered kernel alignment `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (SPEC §3).
+    """Centered kernel alignment `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (conventions §3).
 
     Args:
         x: `(n, ...)` activations; trailing axes are flattened in C order. torch.Tensor (CPU or

@@ -1,4 +1,4 @@
-"""`vitsim.cka_matrix`: CKA between every pair of layers, each Gram matrix formed once (SPEC §3).
+"""`vitsim.cka_matrix`: CKA between every pair of layers, each Gram matrix formed once (conventions §3).
 
 The same private helpers serve `MinibatchCKA.update` (vitsim/streaming.py), so the functional
 and the stateful forms compute identical numbers for a batch.
@@ -11,7 +11,7 @@ unbiased one takes Székely and Rizzo's U-centring (diagonal of K zeroed, then
 layer's T(K) is formed once, in float64, and the whole `(len(xs), len(ys))` HSIC matrix is one
 matrix product of the flattened stacks. Each centred Gram matrix comes from a copy of the
 input shifted by its (rounded) column mean, chunk by chunk, so a large offset never reaches a
-product (SPEC §3); the HSIC product and all sums are float64.
+product (conventions §3); the HSIC product and all sums are float64.
 Memory: `(len(xs) + len(ys)) · n²` float64 numbers (n = 2,048 and 40 layers: 1.3 GiB), on the
 inputs' device; fine for n up to a few thousand.
 
@@ -44,7 +44,7 @@ from .cka import check_options
 # Half-precision Gram matrices on CUDA keep the shifted copy in the input dtype (products at the
 # half-precision rate) only when its rounding averages out: at least this many features and
 # examples. Measured on CPU with bfloat16, d ≈ 1,000: unbiased CKA error ~2e-4 at n = 64
-# (6e-4 with one example 30x further out), but 5e-3 at n = 4 (SPEC §8 allows 1e-3); small
+# (6e-4 with one example 30x further out), but 5e-3 at n = 4 (conventions §8 allows 1e-3); small
 # problems are cheap in float32 anyway.
 # --- validation ---------------------------------------------------------------------------
 
@@ -296,7 +296,7 @@ def _reference_matrix(xs2, ys2, kernel, unbiased, threshold, sigmas):
 
 def cka_matrix(xs, ys=None, *, kernel="linear", unbiased=False, threshold=1.0, sigma=None,
                backend="auto"):
-    """CKA between every layer of `xs` and every layer of `ys` (SPEC §3), each Gram formed once.
+    """CKA between every layer of `xs` and every layer of `ys` (conventions §3), each Gram formed once.
 
     Args:
         xs: list of `(n, ...)` activation sets (torch.Tensor or numpy.ndarray; float16, bfloat16,

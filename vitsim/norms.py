@@ -1,4 +1,4 @@
-"""Ratio of norms across a skip connection (SPEC §6, Raghu et al. 2021 Fig. 7).
+"""Ratio of norms across a skip connection (conventions §6, Raghu et al. 2021 Fig. 7).
 
 For a residual sub-block `z ↦ z + f(z)`, `r = ‖z‖₂ / ‖f(z)‖₂`: per token over channels for a
 transformer (`(B, N, C)` tensors), per example over all C·H·W entries for a ResNet block
@@ -144,7 +144,7 @@ class RatioOfNorms:
 
 
 def ratio_of_norms(z, fz, *, num_prefix_tokens: int = 1, class_token: bool = True) -> dict:
-    """Mean ratio `‖z‖₂ / ‖f(z)‖₂` across a transformer skip connection (SPEC §6).
+    """Mean ratio `‖z‖₂ / ‖f(z)‖₂` across a transformer skip connection (conventions §6).
 
     Args:
         z: `(B, N, C)` the residual stream entering the sub-block (torch or NumPy, float16/
@@ -164,7 +164,7 @@ def ratio_of_norms(z, fz, *, num_prefix_tokens: int = 1, class_token: bool = Tru
 
 
 def ratio_of_norms_maps(z, fz) -> float:
-    """Mean over the batch of `‖z‖₂ / ‖f(z)‖₂` across a ResNet block (SPEC §6).
+    """Mean over the batch of `‖z‖₂ / ‖f(z)‖₂` across a ResNet block (conventions §6).
 
     Args:
         z: `(B, C, H, W)` (any `(B, ...)`) shortcut tensor, after its projection if the block has one.

@@ -1,4 +1,4 @@
-"""Float64 NumPy references, written straight from the formulas of SPEC §2-6.
+"""Float64 NumPy references, written straight from the formulas of conventions §2-6.
 
 Slow and obvious on purpose: every other path (torch, Triton) is tested against these.
 Inputs are anything `numpy.asarray` accepts; everything is computed in float64.
@@ -14,7 +14,7 @@ def _matrix(x) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
-# --- Gram matrices (SPEC §2) -------------------------------------------------------------
+# --- Gram matrices (conventions §2) -------------------------------------------------------------
 
 
 def gram_linear(x) -> np.ndarray:
@@ -56,7 +56,7 @@ def gram(x, kernel: str = "linear", threshold: float = 1.0, sigma: float | None 
     raise ValueError(f"unknown kernel {kernel!r}; valid: 'linear', 'rbf'")
 
 
-# --- HSIC and CKA (SPEC §3) --------------------------------------------------------------
+# --- HSIC and CKA (conventions §3) --------------------------------------------------------------
 
 
 def centering_matrix(n: int) -> np.ndarray:
@@ -129,7 +129,7 @@ def cka(x, y, kernel="linear", unbiased=False, threshold=1.0, sigma=None) -> flo
     return cka_from_grams(*_grams(x, y, kernel, threshold, sigma), unbiased)
 
 
-# --- Minibatch CKA (SPEC §4) -------------------------------------------------------------
+# --- Minibatch CKA (conventions §4) -------------------------------------------------------------
 
 
 def minibatch_cka(x_batches, y_batches, kernel="linear", unbiased=True, threshold=1.0) -> float:
@@ -144,7 +144,7 @@ def minibatch_cka(x_batches, y_batches, kernel="linear", unbiased=True, threshol
     return float(kl / np.sqrt(denom)) if denom > 0 else float("nan")
 
 
-# --- Attention distance (SPEC §5) --------------------------------------------------------
+# --- Attention distance (conventions §5) --------------------------------------------------------
 
 
 def patch_positions(grid, patch_size: float) -> np.ndarray:
@@ -196,7 +196,7 @@ def attention_distance_qk(q, k, scale=None, patch_size=16, grid=None, num_prefix
     return attention_distance(attn, patch_size, grid, num_prefix_tokens, reduction)
 
 
-# --- Ratio of norms across a skip connection (SPEC §6) -----------------------------------
+# --- Ratio of norms across a skip connection (conventions §6) -----------------------------------
 
 
 def norm_ratio_tokens(z, fz) -> np.ndarray:

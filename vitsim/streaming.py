@@ -1,4 +1,4 @@
-"""Stateful CKA over many batches (SPEC §4): `MinibatchCKA` and the exact `StreamingCKA`.
+"""Stateful CKA over many batches (conventions §4): `MinibatchCKA` and the exact `StreamingCKA`.
 
 Both keep plain float64 sums as their whole state (torchmetrics' update/compute split), so
 `merge` and `sync` are additions, `state_dict()` round-trips exactly and a resumed run gives the
@@ -57,7 +57,7 @@ def _collective_device(state: torch.Tensor | None) -> torch.device:
 
 
 class MinibatchCKA:
-    """Minibatch CKA between every layer of one network and every layer of another (SPEC §4).
+    """Minibatch CKA between every layer of one network and every layer of another (conventions §4).
 
     `CKA_mb[i, j] = Σ_b HSIC(K_b^i, L_b^j) / sqrt(Σ_b HSIC(K_b^i, K_b^i) · Σ_b HSIC(L_b^j, L_b^j))`
     over the batches b given to `update` (Nguyen et al. 2021; what Raghu et al. plot). Each update
@@ -276,7 +276,7 @@ def shift_sums(v: dict[str, torch.Tensor], alpha: torch.Tensor, beta: torch.Tens
     + 2(α·Σs)α + cΣs + ncα;  Σp't' = Σpt + Pβ + 2(Σstᵀ)ᵀα + 2(α·Σs)β + cΣt + ncβ;
     Σp'² = Σp² + 4α·Σps + 4αᵀ(Σssᵀ)α + 2cP + 4cα·Σs + nc²;  Σp'q' = Σpq + 2β·Σpt + 2α·Σqs
     + 4αᵀ(Σstᵀ)β + eP + cQ + 2eα·Σs + 2cβ·Σt + nce; and symmetrically for t.
-    Shifting by minus the mean gives the centred sums (`a_i = ‖x_i − μ‖²`, SPEC §3).
+    Shifting by minus the mean gives the centred sums (`a_i = ‖x_i − μ‖²`, conventions §3).
     """
     n = v["n"]
     sx, sy, sxy, sxx, syy = v["sx"], v["sy"], v["sxy"], v["sxx"], v["syy"]
@@ -310,7 +310,7 @@ def _flatten(v: dict[str, torch.Tensor], d1: int, d2: int) -> torch.Tensor:
 
 
 def _hsic_centred(cross, sum_ab, sum_a, sum_b, n: int, unbiased: bool):
-    """SPEC §3's feature-space estimators from centred sums: `cross = ‖XcᵀYc‖²`, `Σa_ib_i`,
+    """conventions §3's feature-space estimators from centred sums: `cross = ‖XcᵀYc‖²`, `Σa_ib_i`,
     `Σa_i`, `Σb_i`."""
     if not unbiased:
         return cross / (n - 1) ** 2
@@ -319,7 +319,7 @@ def _hsic_centred(cross, sum_ab, sum_a, sum_b, n: int, unbiased: bool):
 
 
 class StreamingCKA:
-    """Exact linear CKA over every example seen, fed batch by batch (SPEC §4).
+    """Exact linear CKA over every example seen, fed batch by batch (conventions §4).
 
     Accumulates, in float64, sums of the rows shifted by a fixed reference (the first batch's
     column means): n, Σs, Σt, Σstᵀ, Σssᵀ, Σttᵀ and the row-norm terms the unbiased estimator

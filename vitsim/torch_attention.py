@@ -1,4 +1,4 @@
-"""The torch path for attention distance (SPEC §5): CPU, fallback, and the benchmark baseline.
+"""The torch path for attention distance (conventions §5): CPU, fallback, and the benchmark baseline.
 
 Plain torch ops: the maps path multiplies each block of attention rows by the matching rows of
 the distance table and sums; the q/k path materialises `softmax(q kᵀ · scale)` block by block

@@ -27,7 +27,7 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-# Rows per float32 partial sum of the column means (SPEC §3: float32 partials of modest length,
+# Rows per float32 partial sum of the column means (conventions §3: float32 partials of modest length,
 # combined in float64).
 MEAN_PARTIAL = 256
 
@@ -209,7 +209,7 @@ def shifted_gram_torch(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
 
 
 def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """`(n, n)` float64 Gram matrix of the column-centred `(n, d)` input (SPEC §3: centre first).
+    """`(n, n)` float64 Gram matrix of the column-centred `(n, d)` input (conventions §3: centre first).
 
     float32/float64 inputs multiply in their own dtype; float16/bfloat16 ones in float32, except
     on CUDA with many examples and features, where the shifted copy stays in the input dtype
