@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from . import blas_cpu, torch_path
+from . import blas_cpu, grad_route, torch_path
 from ._validate import BACKENDS, check_choice
 
 
@@ -103,6 +103,8 @@ def linear_space(n: int, d1: int, d2: int) -> str:
 
 def linear_stats(x: torch.Tensor, y: torch.Tensor, backend: str, space: str | None = None):
     """`(Σ K∘L, GramStats_K, GramStats_L)` for the linear kernel on `(n, d1)`, `(n, d2)` inputs."""
+    if x.requires_grad or y.requires_grad:
+        return grad_route.linear_stats(x, y)
     space = space or linear_space(x.shape[0], x.shape[1], y.shape[1])
     kernel = FEATURE_KERNEL if space == "feature" else GRAM_KERNEL
     if resolve_backend(backend, x.device, kernel) == "triton":
@@ -126,6 +128,8 @@ def median_sq_distance(x: torch.Tensor, backend: str) -> torch.Tensor:
 def rbf_stats(x: torch.Tensor, y: torch.Tensor, backend: str, threshold: float,
               sigmas: tuple[float, float] | None):
     """`(Σ K∘L, GramStats_K, GramStats_L)` for the RBF kernel (median bandwidth unless `sigmas`)."""
+    if x.requires_grad or y.requires_grad:
+        return grad_route.rbf_stats(x, y, threshold, sigmas)
     if resolve_backend(backend, x.device, GRAM_KERNEL) == "triton":
         if sigmas is None:
             sigma2 = [threshold**2 * median_sq_distance(z, backend) for z in (x, y)]

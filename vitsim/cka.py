@@ -25,13 +25,22 @@ from ._validate import (
 )
 
 
+def _tracked(name: str, value) -> torch.Tensor:
+    """`value` as a tensor, keeping its autograd graph only when a gradient can flow back."""
+    tensor = as_tensor(name, value)
+    if tensor.requires_grad and torch.is_grad_enabled():
+        return tensor
+    return tensor.detach()
+
+
 def prepare_pair(x, y, unbiased: bool):
     """Validate two activation sets and view them as `(n, d1)`, `(n, d2)` tensors.
 
-    Returns `(x2, y2, numpy_out)`; `numpy_out` is True when both inputs were NumPy arrays.
+    Inputs that require grad keep their graph (under grad mode), so the result can be
+    differentiated; the others are detached. Returns `(x2, y2, numpy_out)`; `numpy_out` is
+    True when both inputs were NumPy arrays.
     """
-    xt = as_tensor("x", x).detach()
-    yt = as_tensor("y", y).detach()
+    xt, yt = _tracked("x", x), _tracked("y", y)
     x2, y2 = as_matrix("x", xt), as_matrix("y", yt)
     check_pair(xt, yt)
     check_n(x2.shape[0], unbiased)
@@ -47,7 +56,7 @@ def finish(value: torch.Tensor, numpy_out: bool):
 def _reference(x2, y2, what, kernel, unbiased, threshold, sigmas):
     # The oracle is slow anyway: scan the inputs up front.
     raise_if_not_finite(x=x2, y=y2)
-    args = [z.to(torch.float64).cpu().numpy() for z in (x2, y2)]
+    args = [z.detach().to(torch.float64).cpu().numpy() for z in (x2, y2)]
     fn = reference.cka if what == "cka" else reference.hsic
     value = fn(*args, kernel=kernel, unbiased=unbiased, threshold=threshold, sigma=sigmas)
     if np.isnan(value):
