@@ -180,6 +180,99 @@ def test_minibatch_constant_layer_warns_with_its_name():
     assert torch.isnan(got).all()
 
 
+# --- MinibatchCKA: batch weighting (conventions §4) ----------------------------------------
+
+
+def _u_centre(gram):
+    """The official efficient_CKA.py's U-centring of one Gram matrix (float64 NumPy)."""
+    n = gram.shape[0]
+    gram = gram.copy()
+    np.fill_diagonal(gram, 0.0)
+    means = gram.sum(axis=0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    gram -= means[:, None]
+    gram -= means[None, :]
+    np.fill_diagonal(gram, 0.0)
+    return gram
+
+
+def _official_minibatch_cka(x_batches, y_batches):
+    """efficient_CKA.py's MinibatchCKA for one pair of layers: un-normalised inner products of
+    U-centred linear Grams summed over batches (each batch weighted by n_b(n_b − 3))."""
+    acc = np.zeros(3)
+    for xb, yb in zip(x_batches, y_batches):
+        xb, yb = (_np(t).reshape(len(t), -1) for t in (xb, yb))
+        gx, gy = _u_centre(xb @ xb.T), _u_centre(yb @ yb.T)
+        acc += [(gx * gy).sum(), (gx * gx).sum(), (gy * gy).sum()]
+    return acc[0] / np.sqrt(acc[1] * acc[2])
+
+
+def _accumulate(xb, yb, **kw):
+    m = vitsim.MinibatchCKA(len(xb[0]), len(yb[0]), **kw)
+    for bx, by in zip(xb, yb):
+        m.update(bx, by)
+    return m
+
+
+def test_minibatch_weighting_examples_equals_official_code():
+    xs = _network(86, (5, 120), seed=20)   # batches of 20, 20, 20, 20 and a final 6
+    ys = _network(86, (7,), seed=21)
+    xb, yb = _batches(xs, 20), _batches(ys, 20)
+    got = _accumulate(xb, yb, weighting="examples").compute().numpy()
+    for i in range(2):
+        official = _official_minibatch_cka([b[i] for b in xb], [b[0] for b in yb])
+        assert abs(got[i, 0] - official) <= 1e-10  # float64, conventions §8
+    want = _want_minibatch(xb, yb, weighting="examples")
+    assert np.abs(got - want).max() <= 1e-10  # float64, conventions §8
+    equal = _accumulate(xb, yb).compute().numpy()
+    assert np.abs(equal - _want_minibatch(xb, yb)).max() <= 1e-10  # float64, conventions §8
+    assert np.abs(equal - got).max() > 1e-4  # the partial batch makes the two differ
+
+
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_minibatch_weightings_against_reference(kernel, unbiased):
+    xs = _network(53, (4, 9), torch.float32, seed=22)
+    ys = _network(53, (6,), torch.float32, seed=23)
+    xb, yb = _batches(xs, 12), _batches(ys, 12)   # 12, 12, 12, 12, 5
+    for weighting in ("equal", "examples"):
+        got = _accumulate(xb, yb, kernel=kernel, unbiased=unbiased, weighting=weighting)
+        want = _want_minibatch(xb, yb, kernel=kernel, unbiased=unbiased, weighting=weighting)
+        assert np.abs(got.compute().numpy() - want).max() <= 1e-5  # float32, conventions §8
+    # batches of one size: w_b is a constant and the two weightings give one CKA
+    even = [_accumulate(xb[:4], yb[:4], kernel=kernel, unbiased=unbiased, weighting=w).compute()
+            for w in ("equal", "examples")]
+    assert torch.allclose(even[0], even[1], rtol=0, atol=1e-12)
+
+
+def test_minibatch_weighting_is_validated_saved_and_merged_only_alike(tmp_path):
+    with pytest.raises(ValueError, match=r"weighting 'rows'.*'equal', 'examples'"):
+        vitsim.MinibatchCKA(2, weighting="rows")
+    with pytest.raises(ValueError, match=r"weighting 'rows'.*'equal', 'examples'"):
+        reference.minibatch_cka([np.ones((5, 2))], [np.ones((5, 2))], weighting="rows")
+    xs = _network(30, (3, 8), seed=24)
+    xb = _batches(xs, 10)
+    m = _accumulate(xb, xb, weighting="examples")
+    state = m.state_dict()
+    assert state["weighting"] == "examples"
+    torch.save(state, tmp_path / "m.pt")
+    resumed = vitsim.MinibatchCKA(2, 2, weighting="examples")
+    resumed.load_state_dict(torch.load(tmp_path / "m.pt"))
+    assert torch.equal(resumed.compute(), m.compute())
+    with pytest.raises(ValueError, match=r"weighting='examples'.*weighting='equal'"):
+        vitsim.MinibatchCKA(2, 2).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"other has weighting='equal'.*weighting='examples'"):
+        m.merge(_accumulate(xb, xb))
+    # a state saved before the option existed weighted batches equally
+    old = _accumulate(xb, xb).state_dict()
+    del old["weighting"], old["widths_x"], old["widths_y"]
+    fresh = vitsim.MinibatchCKA(2, 2)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.compute(), _accumulate(xb, xb).compute())
+    with pytest.raises(ValueError, match=r"state has weighting='equal'"):
+        vitsim.MinibatchCKA(2, 2, weighting="examples").load_state_dict(old)
+
+
 # --- StreamingCKA --------------------------------------------------------------------------
 
 

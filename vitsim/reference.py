@@ -132,14 +132,27 @@ def cka(x, y, kernel="linear", unbiased=False, threshold=1.0, sigma=None) -> flo
 # --- Minibatch CKA (conventions §4) -------------------------------------------------------------
 
 
-def minibatch_cka(x_batches, y_batches, kernel="linear", unbiased=True, threshold=1.0) -> float:
-    """`Σ_b HSIC(K_b, L_b) / sqrt(Σ_b HSIC(K_b, K_b) · Σ_b HSIC(L_b, L_b))` over paired batches."""
+def minibatch_weight(n: int, unbiased: bool, weighting: str) -> float:
+    """Weight of a batch of n examples: 1 ("equal"), or the estimator's normalisation
+    ("examples": `n(n − 3)` unbiased, `(n − 1)²` biased)."""
+    if weighting == "equal":
+        return 1.0
+    if weighting == "examples":
+        return float(n * (n - 3)) if unbiased else float((n - 1) ** 2)
+    raise ValueError(f"unknown weighting {weighting!r}; valid: 'equal', 'examples'")
+
+
+def minibatch_cka(x_batches, y_batches, kernel="linear", unbiased=True, threshold=1.0,
+                  weighting="equal") -> float:
+    """`Σ_b w_b HSIC(K_b, L_b) / sqrt(Σ_b w_b HSIC(K_b, K_b) · Σ_b w_b HSIC(L_b, L_b))` over
+    paired batches, `w_b = minibatch_weight(n_b, unbiased, weighting)`."""
     kl = kk = ll = 0.0
     for xb, yb in zip(x_batches, y_batches, strict=True):
         k, l = _grams(xb, yb, kernel, threshold, None)
-        kl += hsic_from_grams(k, l, unbiased)
-        kk += hsic_from_grams(k, k, unbiased)
-        ll += hsic_from_grams(l, l, unbiased)
+        w = minibatch_weight(k.shape[0], unbiased, weighting)
+        kl += w * hsic_from_grams(k, l, unbiased)
+        kk += w * hsic_from_grams(k, k, unbiased)
+        ll += w * hsic_from_grams(l, l, unbiased)
     denom = kk * ll
     return float(kl / np.sqrt(denom)) if denom > 0 else float("nan")
 

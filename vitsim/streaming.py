@@ -1,13 +1,10 @@
-"""Stateful CKA over many batches (conventions §4): `MinibatchCKA` and the exact `StreamingCKA`.
+"""Stateful CKA over many batches (conventions §4): the exact `StreamingCKA`, and
+`MinibatchCKA` (from `vitsim.minibatch`, re-exported here).
 
-Both keep plain float64 sums as their whole state (torchmetrics' update/compute split), so
-`merge` and `sync` are additions, `state_dict()` round-trips exactly and a resumed run gives the
-same bits as an uninterrupted one. The sums live in one flat tensor, on the device of the first
-update's inputs; `sync()` sums it across processes with a single `all_reduce`.
-
-Every update computes the whole batch's contribution and checks it before adding it, so a bad
-batch (wrong layer count, mismatched n, NaN/Inf, too few examples) raises and leaves the state
-exactly as it was.
+`StreamingCKA` keeps plain float64 sums as its whole state, so `merge` and `sync` are additions
+(after a shift to a common reference), `state_dict()` round-trips exactly and a resumed run
+gives the same bits as an uninterrupted one. Every update computes the whole batch's sums and
+checks them before adding them, so a bad batch raises and leaves the state exactly as it was.
 """
 
 from __future__ import annotations
@@ -16,225 +13,13 @@ import torch
 import torch.distributed as dist
 
 from ._stats import GramStats, cka_from_hsic, self_term_floor
-from ._validate import (
-    as_matrix,
-    as_tensor,
-    check_bool,
-    check_finite_result,
-    check_n,
-    check_pair,
-)
-from .cka import check_options
-from .cka_matrix import (
-    LAYERS_OVERFLOW,
-    centred_rows,
-    cka_from_blocks,
-    hsic_blocks,
-    layer_sequence,
-    prepare_layers,
-    rows_per_chunk,
-)
+from ._validate import (as_matrix, as_tensor, check_bool, check_finite_result, check_n, check_pair,
+                        min_examples)
+from .cka_matrix import centred_rows, rows_per_chunk
+from .minibatch import MinibatchCKA, collective_device, distributed
 from . import torch_path
 
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _collective_device(state: torch.Tensor | None) -> torch.device:
-    """Where a process with no state yet must put its zeros for a collective."""
-    if state is not None:
-        return state.device
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-class MinibatchCKA:
-    """Minibatch CKA between every layer of one network and every layer of another (conventions §4).
-
-    `CKA_mb[i, j] = Σ_b HSIC(K_b^i, L_b^j) / sqrt(Σ_b HSIC(K_b^i, K_b^i) · Σ_b HSIC(L_b^j, L_b^j))`
-    over the batches b given to `update` (Nguyen et al. 2021; what Raghu et al. plot). Each update
-    forms every layer's Gram matrix once and gets all pairs from one matrix product (see
-    `vitsim.cka_matrix`); for the linear kernel and small d it uses feature space instead.
-
-    Args:
-        num_x: number of layers passed as `xs` to every update.
-        num_y: number of layers passed as `ys`, or None to compare `xs` with itself.
-        kernel: "linear" or "rbf" (exact median bandwidth of each layer in each batch).
-        unbiased: Song et al.'s unbiased HSIC (default, as Nguyen et al.; ≥ 4 examples a batch).
-        threshold, sigma: RBF bandwidth, as `vitsim.cka`.
-
-    State: one float64 tensor of `num_x·num_y + 2·(num_x + num_y) + 2` sums (the HSIC matrix, the
-    self terms, their zero floors, the batch and example counts), on the device of the first
-    update's inputs.
-
-    Example:
-        >>> m = vitsim.MinibatchCKA(len(vit_layers), len(resnet_layers))
-        >>> for batch in loader:
-        ...     m.update(vit_feats(batch), resnet_feats(batch))
-        >>> m.sync()                              # one all_reduce (no-op if not distributed)
-        >>> heatmap = m.compute()                 # (24, 16) float64 tensor
-        >>> torch.save(m.state_dict(), "cka.pt")  # resume later with load_state_dict
-    """
-
-    def __init__(self, num_x: int, num_y: int | None = None, *, kernel: str = "linear",
-                 unbiased: bool = True, threshold: float = 1.0, sigma=None):
-        self.num_x = _positive_int("num_x", num_x)
-        self.num_y = None if num_y is None else _positive_int("num_y", num_y)
-        self.kernel = kernel
-        self.unbiased = check_bool("unbiased", unbiased)
-        self.threshold, self.sigmas = check_options(kernel, threshold, sigma)
-        self._sums: torch.Tensor | None = None
-        # False after load_state_dict: the next update moves the sums to its inputs' device.
-        self._bound = False
-
-    # layout of the flat state: hxy | hxx | hyy | floor_x | floor_y | batches | examples
-    @property
-    def _cols(self) -> int:
-        return self.num_x if self.num_y is None else self.num_y
-
-    def _size(self) -> int:
-        return self.num_x * self._cols + 2 * (self.num_x + self._cols) + 2
-
-    def _views(self):
-        s, x, y = self._sums, self.num_x, self._cols
-        hxy = s[: x * y].view(x, y)
-        rest = s[x * y:]
-        hxx, hyy = rest[:x], rest[x:x + y]
-        floor_x, floor_y = rest[x + y:2 * x + y], rest[2 * x + y:2 * x + 2 * y]
-        return hxy, hxx, hyy, floor_x, floor_y, rest[-2:]
-
-    @property
-    def num_batches(self) -> int:
-        """Number of batches accumulated (summed over processes after `sync`)."""
-        return 0 if self._sums is None else int(self._sums[-2].item())
-
-    @property
-    def num_examples(self) -> int:
-        """Number of examples accumulated (summed over processes after `sync`)."""
-        return 0 if self._sums is None else int(self._sums[-1].item())
-
-    def update(self, xs, ys=None) -> None:
-        """Add one minibatch.
-
-        Args:
-            xs: list of `num_x` activation sets `(n, ...)` of the same n examples (torch or NumPy,
-                float16/bfloat16/float32/float64, one device); n ≥ 4 for the unbiased estimator.
-            ys: list of `num_y` activation sets of the same examples; None when `num_y` is None.
-        Raises:
-            ValueError naming the argument and layer (e.g. "ys[3]") for a wrong layer count,
-            mismatched n or device, too few examples, NaN or Inf; the state is then unchanged.
-        """
-        x_list = layer_sequence("xs", xs, self.num_x, "num_x")
-        if self.num_y is None:
-            if ys is not None:
-                raise ValueError("ys must be None: this MinibatchCKA compares xs with itself "
-                                 "(num_y=None); construct it with num_y to compare two networks")
-            y_list = None
-        else:
-            if ys is None:
-                raise ValueError(
-                    f"ys is missing: this MinibatchCKA expects num_y={self.num_y} layers")
-            y_list = layer_sequence("ys", ys, self.num_y, "num_y")
-        xs2 = prepare_layers("xs", x_list, self.unbiased)
-        ys2 = None if y_list is None else prepare_layers(
-            "ys", y_list, self.unbiased, first=("xs[0]", as_tensor("xs[0]", x_list[0])))
-        device = xs2[0].device
-        if self._sums is not None and self._bound and self._sums.device != device:
-            raise ValueError(f"xs[0] is on {device} but the accumulated sums are on "
-                             f"{self._sums.device}; pass every batch on the same device")
-        blocks = hsic_blocks(xs2, ys2, self.kernel, self.unbiased, self.threshold, self.sigmas)
-        named = {f"xs[{i}]": x for i, x in enumerate(xs2)}
-        named.update({f"ys[{j}]": y for j, y in enumerate(ys2 or [])})
-        check_finite_result(blocks[:3], named, LAYERS_OVERFLOW)
-        hxy, hxx, hyy, floor_x, floor_y = blocks
-        counts = torch.tensor([1.0, float(xs2[0].shape[0])], dtype=torch.float64, device=device)
-        batch = torch.cat([hxy.reshape(-1), hxx, hyy, floor_x, floor_y, counts])
-        if self._sums is None:
-            self._sums = torch.zeros_like(batch)
-        elif not self._bound:
-            self._sums = self._sums.to(device)
-        self._bound = True
-        self._sums += batch
-
-    def compute(self) -> torch.Tensor:
-        """`(num_x, num_y)` float64 tensor of minibatch CKA (num_y = num_x in self mode), on the
-        state's device. NaN, with a RuntimeWarning naming the layers, where a summed self term is
-        not positive."""
-        if self._sums is None or self.num_batches == 0:
-            raise ValueError("compute() called before any update")
-        hxy, hxx, hyy, floor_x, floor_y, _ = self._views()
-        yname = "xs" if self.num_y is None else "ys"
-        return cka_from_blocks(hxy, hxx, hyy, floor_x, floor_y, "xs", yname)
-
-    def reset(self) -> None:
-        """Forget every batch (the next update picks the device again)."""
-        self._sums = None
-        self._bound = False
-
-    def _config(self) -> dict:
-        return {"num_x": self.num_x, "num_y": self.num_y, "kernel": self.kernel,
-                "unbiased": self.unbiased, "threshold": self.threshold, "sigma": self.sigmas}
-
-    def _check_config(self, config: dict, what: str) -> None:
-        for key, value in self._config().items():
-            if config.get(key) != value:
-                raise ValueError(f"{what} has {key}={config.get(key)!r}, this MinibatchCKA has "
-                                 f"{key}={value!r}")
-
-    def state_dict(self) -> dict:
-        """Plain sums and settings (a copy); `torch.save` it and `load_state_dict` to resume."""
-        return {"format": "vitsim.MinibatchCKA/1", **self._config(),
-                "sums": None if self._sums is None else self._sums.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()` output exactly (the sums move to the next update's device)."""
-        self._check_config(state, "state")
-        sums = state["sums"]
-        if sums is not None and (not isinstance(sums, torch.Tensor) or sums.dtype != torch.float64
-                                 or sums.shape != (self._size(),)):
-            raise ValueError(f"state['sums'] must be a float64 tensor of shape ({self._size()},)")
-        self._sums = None if sums is None else sums.clone()
-        self._bound = False
-
-    def merge(self, other: "MinibatchCKA") -> "MinibatchCKA":
-        """Add another accumulator's sums (same settings) to this one; returns self."""
-        if not isinstance(other, MinibatchCKA):
-            raise TypeError(f"other must be a MinibatchCKA, got {type(other).__name__}")
-        self._check_config(other._config(), "other")
-        if other._sums is None:
-            return self
-        if self._sums is None:
-            self._sums = other._sums.clone()
-            self._bound = other._bound
-        else:
-            self._sums += other._sums.to(self._sums.device)
-        return self
-
-    def sync(self) -> "MinibatchCKA":
-        """Sum the accumulators of every process (`torch.distributed`, one all_reduce).
-
-        Call it on every process, once, before `compute()`: afterwards each process holds the
-        global sums (calling it again would count the other processes twice). A no-op when
-        torch.distributed is not initialised. With NCCL the sums must be on the GPU.
-        """
-        if not _distributed():
-            return self
-        if self._sums is None:
-            self._sums = torch.zeros(self._size(), dtype=torch.float64,
-                                     device=_collective_device(None))
-        dist.all_reduce(self._sums, op=dist.ReduceOp.SUM)
-        return self
-
-
-# --- exact streaming linear CKA -----------------------------------------------------------
+__all__ = ["MinibatchCKA", "StreamingCKA"]
 
 
 def _fields(d1: int, d2: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -399,7 +184,9 @@ class StreamingCKA:
         x2, y2 = as_matrix("x", xt), as_matrix("y", yt)
         check_pair(xt, yt)
         if x2.shape[0] == 0:
-            raise ValueError("x and y have no examples")
+            est = "unbiased" if self.unbiased else "biased"
+            raise ValueError(f"x and y have no examples (n=0): every batch needs n >= 1 (the {est} "
+                             f"estimator needs n >= {min_examples(self.unbiased)} in total)")
         d1, d2 = x2.shape[1], y2.shape[1]
         if self._dims is not None and (d1, d2) != self._dims:
             raise ValueError(f"x has {d1} and y {d2} features, but earlier batches had "
@@ -506,9 +293,9 @@ class StreamingCKA:
         flat sums, each process's sums first re-expressed on that reference. A no-op when
         torch.distributed is not initialised.
         """
-        if not _distributed():
+        if not distributed():
             return self
-        device = _collective_device(self._sums)
+        device = collective_device(self._sums)
         dims = torch.tensor(self._dims or (0, 0), dtype=torch.float64, device=device)
         dist.all_reduce(dims, op=dist.ReduceOp.MAX)
         d1, d2 = int(dims[0].item()), int(dims[1].item())
