@@ -8,6 +8,8 @@ is not finite.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,16 +21,18 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def as_tensor(name: str, value: Any) -> torch.Tensor:
-    """Return `value` as a torch tensor without copying, or raise `TypeError` naming `name`.
+    """Return `value` as a torch tensor, or raise `TypeError` naming `name`.
 
-    Accepts `torch.Tensor` and `numpy.ndarray` of float16/bfloat16/float32/float64.
+    Accepts `torch.Tensor` and `numpy.ndarray` of float16/bfloat16/float32/float64. A tensor is
+    returned as it is (its autograd graph included); an array is viewed without a copy unless
+    torch cannot view it (see `_from_numpy`).
     """
     if isinstance(value, torch.Tensor):
         tensor = value
     elif isinstance(value, np.ndarray):
-        if value.dtype not in (np.float16, np.float32, np.float64):
+        if value.dtype.kind != "f" or value.dtype.itemsize not in (2, 4, 8):
             raise TypeError(f"{name} has dtype {value.dtype}; expected float16, float32 or float64")
-        tensor = torch.from_numpy(value)
+        tensor = _from_numpy(value)
     else:
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
@@ -38,6 +42,24 @@ def as_tensor(name: str, value: Any) -> torch.Tensor:
             f"{name} has dtype {tensor.dtype}; expected one of float16, bfloat16, float32, float64"
         )
     return tensor
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor viewing a float `array` of either byte order and any strides (conventions §1).
+
+    torch views only native-order arrays whose strides are non-negative multiples of the item
+    size; anything else (big-endian data, a reversed view such as `x[::-1]`, a field of a
+    structured array) is copied once, converting to native order, with the axes in the array's
+    memory order (`order="K"`). The caller's array is never modified.
+    """
+    viewable = array.dtype.isnative and all(
+        s >= 0 and s % array.itemsize == 0 for s in array.strides)
+    if not viewable:
+        array = array.astype(array.dtype.newbyteorder("="), order="K")
+    with warnings.catch_warnings():
+        # vitsim never writes to its inputs, so a read-only array is safe to view.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def as_matrix(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -52,7 +74,8 @@ def as_matrix(name: str, tensor: torch.Tensor) -> torch.Tensor:
         )
     if any(s == 0 for s in tensor.shape[1:]):
         raise ValueError(f"{name} has no features: shape {tuple(tensor.shape)}")
-    return tensor.reshape(tensor.shape[0], -1)
+    # an explicit width: `reshape(0, -1)` is ambiguous, and n = 0 is reported by `check_n`
+    return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
 
 
 def check_pair(x: torch.Tensor, y: torch.Tensor, xname: str = "x", yname: str = "y") -> None:
