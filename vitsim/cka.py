@@ -113,6 +113,7 @@ def hsic(x, y, *, kernel="linear", unbiased=False, threshold=1.0, sigma=None, ba
         backend: "auto", "torch", "triton" or "reference".
     Returns:
         0-d float64 tensor on x's device (numpy.float64 when x and y are NumPy arrays).
+        Differentiable when x or y requires grad (see `cka`).
 
     Example:
         >>> x = torch.randn(100, 64); vitsim.hsic(x, 2 * x) > 0
@@ -136,6 +137,14 @@ def cka(x, y, *, kernel="linear", unbiased=False, threshold=1.0, sigma=None, bac
     Returns:
         0-d float64 tensor on x's device (numpy.float64 when x and y are NumPy arrays). NaN,
         with a RuntimeWarning naming the input, when a self term is ≤ 0 (e.g. constant features).
+
+    Gradients (conventions §3):
+        When x or y requires grad (and grad mode is on) the result is a differentiable function
+        of them, on CPU and CUDA, for both kernels and estimators, computed with plain torch ops
+        whatever the backend (backend="reference" returns a constant). A given `sigma` is a
+        constant; the median rule's σ² is computed from the inputs and also held constant, so
+        its gradient equals the one with that σ passed as `sigma=`. Use it as a loss:
+        `loss = 1 - vitsim.cka(student(x), teacher(x).detach()); loss.backward()`.
 
     Example:
         >>> x = torch.randn(100, 64); vitsim.cka(x, x)
